@@ -1,0 +1,52 @@
+# The one entry point. Stages pass artifacts through data/ and out-*/:
+#   make data train serve     collect the corpus, train, serve on :8000
+#   make test                 the test suite (what CI runs)
+# Every target depends on the virtualenv (a stamp file), so a fresh clone just works.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+DATASET ?= python_code
+DATA_DIR := data/$(DATASET)
+OUT_DIR ?= out-code-assistant
+# The GPU config where CUDA is present, else the CPU one sized for 10 minutes on 2 cores.
+CONFIG ?= $(shell $(PY) -c "import torch; print('config/train_code_assistant.py' if torch.cuda.is_available() else 'config/train_code_assistant_cpu.py')" 2>/dev/null)
+TRAIN_ARGS ?=
+TEST_ARGS ?=
+
+.PHONY: install data train plot test clean help
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make install | data | train | plot | test | clean"
+	@echo "  e.g. make data train        (CONFIG=config/... TRAIN_ARGS='--max_iters=100')"
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Stage 1: the corpus (default: this interpreter's standard library).
+data: $(STAMP)
+	$(PY) collect_code.py --out $(DATA_DIR) $(ROOTS)
+
+$(DATA_DIR)/meta.json: | $(STAMP)
+	$(PY) collect_code.py --out $(DATA_DIR) $(ROOTS)
+
+# Stages 2-3: train (python, or torchrun for several processes: see README).
+train: $(DATA_DIR)/meta.json $(STAMP)
+	$(PY) train.py $(CONFIG) --dataset=$(DATASET) --out_dir=$(OUT_DIR) $(TRAIN_ARGS)
+
+$(OUT_DIR)/best.pt: | $(DATA_DIR)/meta.json $(STAMP)
+	$(PY) train.py $(CONFIG) --dataset=$(DATASET) --out_dir=$(OUT_DIR) $(TRAIN_ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(TEST_ARGS) tests/
+
+clean:
+	rm -rf $(VENV) .pytest_cache
