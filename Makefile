@@ -16,7 +16,7 @@ CONFIG ?= $(shell $(PY) -c "import torch; print('config/train_code_assistant.py'
 TRAIN_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: install data train plot test clean help
+.PHONY: install data train plot test clean help bench-data
 .DEFAULT_GOAL := help
 
 help:
@@ -50,3 +50,6 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+bench-data: $(STAMP)
+	$(PY) bench_data.py
