@@ -1,0 +1,662 @@
+"""The GPT model: architecture, training loss, KV-cache inference and the one checkpoint loader.
+
+A GPT-2-shaped decoder (pre-LayerNorm blocks, learned positions, tied input/output
+embeddings). Two things differ from a textbook GPT because of where it runs:
+
+* Training loss is computed in chunks of positions, so the (batch*time, 50304) fp32
+  logits are never materialised at once; on a CPU that tensor and its softmax are a
+  large share of a small model's step.
+* Inference goes through a static, position-indexed KV cache with one slot per
+  concurrent sequence, so the serving engine can batch rows of different lengths
+  (continuous batching), prefill prompts in chunks and reuse cached prefixes.
+"""
+
+import logging
+import math
+import os
+import warnings
+import tempfile
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CHECKPOINT_FORMAT = 1
+IGNORE_INDEX = -1
+# Rows of the output projection handled at once by the chunked loss: big enough for
+# efficient matmuls, small enough that one chunk's logits (rows x 50304 fp32 = 200 MB
+# at 1024 rows) stay modest.
+LOSS_CHUNK_ROWS = 1024
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # p50k_edit has 50284 ids; padded to a multiple of 64
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for n_slots sequences, indexed by absolute position.
+
+    Static (allocated once, never resized) so memory use is known up front and a
+    sequence's entries never move: slot s, position p always lives at [:, s, :, p].
+    """
+
+    k: torch.Tensor  # (n_layer, n_slots, n_head, max_len, head_dim)
+    v: torch.Tensor
+
+    @property
+    def n_slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
+
+    def store_span(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write k, v of shape (n_head, T, head_dim) at positions start..start+T-1 of one slot."""
+        end = start + k.shape[1]
+        self.k[layer, slot, :, start:end] = k
+        self.v[layer, slot, :, start:end] = v
+
+    def span(self, layer: int, slot: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (1, n_head, end, head_dim) of one slot's positions 0..end-1 (no copy)."""
+        return self.k[layer, slot : slot + 1, :, :end], self.v[layer, slot : slot + 1, :, :end]
+
+    def store_tokens(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write one token per row: k, v of shape (B, n_head, head_dim) at (slots[i], positions[i])."""
+        self.k[layer][slots, :, positions] = k
+        self.v[layer][slots, :, positions] = v
+
+    def window(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0..length-1 of the given slots, (B, n_head, length, head_dim).
+
+        Only the live window is read: at large batch the KV reads, not the weights,
+        dominate a decode step, so reading the whole allocated max_len would waste most
+        of the step on empty positions.
+        """
+        # index_select: 2-5x faster than advanced indexing on this strided view (CPU).
+        return (self.k[layer, :, :, :length].index_select(0, slots),
+                self.v[layer, :, :, :length].index_select(0, slots))
+
+    @torch.inference_mode()
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        """Copy positions 0..length-1 of src_slot into dst_slot (prefix reuse)."""
+        if not 0 <= length <= self.max_len:
+            raise ValueError(f"prefix length {length} outside 0..{self.max_len}")
+        self.k[:, dst_slot, :, :length] = self.k[:, src_slot, :, :length]
+        self.v[:, dst_slot, :, :length] = self.v[:, src_slot, :, :length]
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.n_embd % config.n_head != 0:
+            raise ValueError(f"n_embd {config.n_embd} is not divisible by n_head {config.n_head}")
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, attend=None) -> torch.Tensor:
+        """attend(q, k, v) -> y lets the inference paths swap in cached attention;
+        without it this is plain causal attention over x."""
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if attend is None:
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            y = attend(q, k, v)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # The tanh approximation is GPT-2's own ("gelu_new"); exact GELU would make
+        # pretrained GPT-2 weights drift from their reference outputs.
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, attend=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attend)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------- chunked loss
+
+
+def _chunk_loss(hidden, weight, targets, n_valid, want_grads):
+    """Summed loss of one chunk divided by n_valid, and (if asked) its gradients.
+
+    The gradient of mean cross-entropy w.r.t. the logits is (softmax - onehot) / n_valid;
+    computing it here, while the chunk's logits are in hand, means they never have to
+    be kept for the backward pass or recomputed there.
+    """
+    logits = (hidden @ weight.t()).float()
+    valid = targets != IGNORE_INDEX
+    safe_targets = targets.clamp(min=0)  # ignored rows are masked out below
+    target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1)
+    # A hand-rolled logsumexp that works in place: the logits become exp(logits - max).
+    # Every extra (rows, vocab) temporary is a fresh 100+ MB allocation whose page
+    # faults cost as much as the arithmetic on this CPU.
+    row_max = logits.amax(dim=1, keepdim=True)
+    exp_logits = logits.sub_(row_max).exp_()
+    exp_sums = exp_logits.sum(dim=1, keepdim=True)
+    lse = (row_max + exp_sums.log()).squeeze(1)
+    row_weights = valid / n_valid  # 1/n_valid for counted rows, 0 for ignored ones
+    loss = ((lse - target_logits) * row_weights).sum()
+    if not want_grads:
+        return loss, None, None
+    grad_logits = exp_logits.mul_(row_weights[:, None] / exp_sums)  # softmax / n_valid, in place
+    grad_logits[torch.arange(len(targets), device=targets.device), safe_targets] -= row_weights
+    grad_logits = grad_logits.to(weight.dtype)
+    return loss, grad_logits @ weight, grad_logits.t() @ hidden
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean cross_entropy(hidden @ weight.T, targets) with gradients computed chunk by chunk
+    during forward; backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows):
+        n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)  # fp32 accumulator
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            chunk_loss, g_hidden, g_weight = _chunk_loss(hidden[rows], weight, targets[rows], n_valid, True)
+            loss += chunk_loss
+            grad_hidden[rows] = g_hidden
+            grad_weight += g_weight
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+    """Mean cross-entropy of (N, C) hidden states projected by weight (V, C) against
+    (N,) targets, ignoring targets == -1; equals F.cross_entropy on the full logits."""
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+    n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    chunks = range(0, hidden.shape[0], chunk_rows)
+    return sum(_chunk_loss(hidden[s : s + chunk_rows], weight, targets[s : s + chunk_rows], n_valid, False)[0]
+               for s in chunks)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Tied: one matrix embeds tokens and scores them, saving vocab*n_embd parameters.
+        self.transformer.wte.weight = self.lm_head.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2 init: N(0, 0.02) everywhere, except the projections that write into the
+        residual stream, scaled by 1/sqrt(2*n_layer) so its variance does not grow with depth."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; non_embedding leaves out the position table. The token table
+        stays in: it is also the output layer, so it does real compute."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    # ---- training
+
+    def _hidden_states(self, idx: torch.Tensor, positions: torch.Tensor, attend_for_layer=None) -> torch.Tensor:
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, attend_for_layer(layer) if attend_for_layer else None)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Training (targets given): (None, mean loss). Otherwise: (last-position logits (B, 1, V), None)."""
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} exceeds block_size {self.config.block_size}")
+        x = self._hidden_states(idx, torch.arange(T, device=idx.device))
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None
+        if isinstance(self.lm_head, Int8Linear):  # an inference model: the loss of what is served
+            return None, _int8_head_loss(self.lm_head, x.reshape(B * T, -1), targets.reshape(B * T))
+        loss = chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+        return None, loss
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float,
+                             betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+        """Decay matrices (weights, embeddings) only; biases and LayerNorm gains are not
+        scales worth shrinking towards zero."""
+        params = [p for p in self.parameters() if p.requires_grad]  # the tied matrix appears once
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        extra = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+
+    def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float) -> float:
+        """Model FLOPs utilisation: achieved / peak, counting 6N flops per token for the
+        weights plus 12*L*n_embd*T for attention over a full block (PaLM, appendix B)."""
+        cfg = self.config
+        flops_per_token = 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        return flops_per_token * tokens_per_iter / dt / peak_flops
+
+    # ---- inference (the serving engine's path)
+
+    def allocate_kv_cache(self, n_slots: int, max_len: int, dtype: torch.dtype | None = None,
+                          device=None) -> KVCache:
+        param = self.lm_head.weight
+        dtype = dtype or param.dtype
+        if dtype != param.dtype:
+            raise ValueError(f"KV cache dtype {dtype} differs from the model's parameter dtype {param.dtype}")
+        if not 0 < max_len <= self.config.block_size:
+            raise ValueError(f"max_len {max_len} must be in 1..block_size ({self.config.block_size})")
+        cfg = self.config
+        shape = (cfg.n_layer, n_slots, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        device = device if device is not None else param.device
+        return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, cache: KVCache, slot: int, start_pos: int) -> torch.Tensor:
+        """Run tokens (T,) at positions start_pos.. of one slot, attending to that slot's
+        cached positions 0..start_pos-1 and causally to themselves; store their K/V.
+        Returns float32 logits (V,) of the last token."""
+        T = tokens.shape[0]
+        end = start_pos + T
+        if T == 0 or start_pos < 0 or end > cache.max_len:
+            raise ValueError(f"prefill of {T} tokens at {start_pos} does not fit a cache of max_len {cache.max_len}")
+        positions = torch.arange(start_pos, end, device=tokens.device)
+        # With no cached prefix the mask is the plain square causal one, which SDPA
+        # handles without a mask tensor; otherwise query i sees keys 0..start_pos+i.
+        mask = None if start_pos == 0 else torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]
+
+        def attend_for_layer(layer):
+            def attend(q, k, v):
+                cache.store_span(layer, slot, start_pos, k[0], v[0])
+                keys, values = cache.span(layer, slot, end)
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
+            return attend
+
+        x = self._hidden_states(tokens[None, :], positions, attend_for_layer)
+        return self._output_logits(x[0, -1:])[0]
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One new token per row: row i is tokens[i] at position positions[i] of slot slots[i].
+        Rows may be at different positions. Returns float32 logits (B, V)."""
+        window = int(positions.max()) + 1  # the live part of the cache; one host sync per step
+        if window > cache.max_len or int(positions.min()) < 0:
+            raise ValueError(f"decode positions must be in 0..{cache.max_len - 1}")
+        # (B, 1, 1, window): each row sees its own slot's positions 0..positions[i] only.
+        mask = (torch.arange(window, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+
+        def attend_for_layer(layer):
+            def attend(q, k, v):
+                cache.store_tokens(layer, slots, positions, k[:, :, 0], v[:, :, 0])
+                keys, values = cache.window(layer, slots, window)
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+            return attend
+
+        x = self._hidden_states(tokens[:, None], positions[:, None], attend_for_layer)
+        return self._output_logits(x[:, 0])
+
+    def _output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 logits (B, V) of final hidden states x (B, C) for the inference paths.
+
+        On CPU in fp32, MKL computes x @ W.T for a (V, C) weight as a dot product per row,
+        which for a narrow model (C = 128) runs at a third of memory speed: the output
+        layer alone took 4 ms of a 5 ms decode step at batch 1. A (C, V) copy of the
+        weight streams instead (1.2 ms). bf16 and GPUs show no such gap, so they skip
+        the copy and its memory. The copy is rebuilt whenever the weight changes.
+        """
+        if isinstance(self.lm_head, Int8Linear):  # int8 has its own CPU kernel (no float weight)
+            return self.lm_head(x).float()
+        weight = self.lm_head.weight
+        if weight.device.type != "cpu" or weight.dtype != torch.float32:
+            return self.lm_head(x).float()
+        key = (weight.data_ptr(), weight._version)
+        if getattr(self, "_output_weight_t_key", None) != key:
+            self._output_weight_t = weight.detach().t().contiguous()
+            self._output_weight_t_key = key
+        return x @ self._output_weight_t
+
+    # ---- pretrained weights
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dropout: float = 0.0) -> "GPT":
+        """GPT-2 weights from Hugging Face ('gpt2', 'gpt2-medium', ... or a local directory)."""
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError as exc:
+            raise ImportError("GPT.from_pretrained needs the optional package 'transformers' "
+                              "(pip install transformers)") from exc
+        hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
+        hf_cfg = hf_model.config
+        if hf_cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{name_or_path}: activation {hf_cfg.activation_function!r} is not GPT-2's tanh GELU")
+        if hf_cfg.n_inner not in (None, 4 * hf_cfg.n_embd):
+            raise ValueError(f"{name_or_path}: MLP width {hf_cfg.n_inner} is not 4 * n_embd")
+        config = GPTConfig(block_size=hf_cfg.n_positions, n_layer=hf_cfg.n_layer, n_head=hf_cfg.n_head,
+                           n_embd=hf_cfg.n_embd, dropout=dropout, bias=True)
+        if hf_cfg.vocab_size > config.vocab_size:
+            raise ValueError(f"{name_or_path}: vocabulary of {hf_cfg.vocab_size} exceeds {config.vocab_size}")
+        model = cls(config)
+        model._copy_hf_weights(hf_model.state_dict())
+        return model
+
+    @torch.no_grad()
+    def _copy_hf_weights(self, hf_state: dict) -> None:
+        # Hugging Face's GPT-2 uses Conv1D, whose weight is (in, out): the transpose of nn.Linear's.
+        conv1d_suffixes = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        own = self.state_dict()
+        for name, target in own.items():
+            if name == "lm_head.weight":
+                continue  # tied to transformer.wte.weight, copied there
+            source = hf_state[name]
+            if name.endswith(conv1d_suffixes):
+                source = source.t()
+            if name == "transformer.wte.weight":
+                # Rows past GPT-2's vocabulary (the padding and p50k's extra tokens) keep
+                # their fresh N(0, 0.02) init.
+                target[: source.shape[0]].copy_(source)
+            else:
+                target.copy_(source)
+
+
+# ----------------------------------------------------------------------------- INT8 weights
+
+INT8_WEIGHT_ONLY = "int8-weight-only"  # checkpoint["quantization"] of quantize_model.py's output
+
+
+def quantize_rows_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8, one scale per row: weight ~= q * scale[:, None], q in -127..127.
+
+    Scales are bf16: fp32 scales would cost 3% more bytes at width 128 (missing a 3.9x
+    size goal), and bf16 is what CUDA computes in, so the stored scale is the one used on
+    every device. Rounded *up* so no weight needs more than 127 steps; q is computed
+    against the stored scale, so |w - q * scale| <= scale / 2 holds exactly."""
+    w = weight.detach().float()
+    exact = w.abs().amax(dim=1) / 127
+    scales = exact.to(torch.bfloat16)
+    scales = torch.where(scales.float() < exact, torch.nextafter(scales, torch.full_like(scales, math.inf)), scales)
+    scales = scales.clamp(min=torch.finfo(torch.bfloat16).tiny)  # an all-zero row still divides safely
+    return torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8), scales
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer or embedding table with int8 weights and a float scale per row.
+
+    forward(float x) is the linear layer, forward(integer ids) an embedding lookup, so one
+    module is both token table and output layer, tied as in the float model. Kernels, picked
+    per device by use_int8_kernel at load:
+      dynamic-int8  CPU: weights prepacked once for the quantized engine (fbgemm on x86),
+                    activations quantized per call with one range per tensor (so a row's
+                    result depends slightly on the rows batched with it). Measured faster
+                    than fp32 and bf16 at decode sizes here, the 50k-row output layer most.
+      weight-only   F.linear(x, w.to(x.dtype)) * scale. On CUDA torch.compile fuses the int8
+                    -> float conversion into the matmul, so a decode step reads one byte per
+                    weight; eager mode converts the whole weight on every call (slow).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.kernel, self._packed = "weight-only", None  # the packed weights are never saved
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None)
+        layer.weight_int8, scales = quantize_rows_int8(weight)
+        layer.scales = scales.float()
+        if bias is not None:
+            layer.bias.data = bias.detach().float().clone()
+        return layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, computed per call: for inspection (dtype, device, shape),
+        never for the forward pass."""
+        return self.weight_int8.to(self.scales.dtype) * self.scales[:, None]
+
+    def use_kernel(self, kernel: str) -> None:
+        self._packed = self._prepack() if kernel == "dynamic-int8" else None
+        self.kernel = kernel
+
+    def _prepack(self):
+        # Rebuilt from int8 + scales at every load: torch.load(weights_only=True) cannot read
+        # the packed object, and quantized tensors warn that they are deprecated.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            qweight = torch._make_per_channel_quantized_tensor(
+                self.weight_int8.cpu(), self.scales.detach().double().cpu(),
+                torch.zeros(self.out_features, dtype=torch.long), 0)
+            bias = None if self.bias is None else self.bias.detach().float().cpu()
+            return torch.ops.quantized.linear_prepack(qweight, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_floating_point(x):
+            return self.weight_int8[x].to(self.scales.dtype) * self.scales[x].unsqueeze(-1)
+        if self._packed is not None and x.device.type == "cpu":
+            # reduce_range=True: 7-bit activations, so CPUs without VNNI cannot overflow their
+            # 16-bit partial sums (the setting of torch's own dynamic quantization on x86).
+            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features).float(), self._packed, True)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """Every Linear and both embedding tables become Int8Linear, in place; LayerNorms and
+    biases (a few thousand numbers per layer) stay float."""
+    _swap_in_int8(model, lambda m: Int8Linear.from_float(m.weight, getattr(m, "bias", None)))
+    return model
+
+
+def _swap_in_int8(model: GPT, make) -> None:
+    linears = [(parent, name) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Linear)]
+    for parent, name in linears:
+        setattr(parent, name, make(getattr(parent, name)))
+    model.transformer.wte = model.lm_head  # still tied: one int8 table in both roles
+    model.transformer.wpe = make(model.transformer.wpe)
+
+
+def use_int8_kernel(model: nn.Module, device) -> str:
+    """Prepare the kernel measured fastest for device (see Int8Linear); a CPU build without a
+    quantized engine falls back to weight-only, with a warning, as it is much slower."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    kernel = "dynamic-int8" if torch.device(device).type == "cpu" else "weight-only"
+    try:
+        for layer in layers:
+            layer.use_kernel(kernel)
+    except (RuntimeError, AttributeError) as exc:
+        logging.getLogger(__name__).warning("int8: CPU kernel unavailable (%s); falling back to the slower "
+                                            "weight-only kernel", _first_line(exc))
+        kernel = "weight-only"
+        for layer in layers:
+            layer.use_kernel(kernel)
+    return kernel
+
+
+def _int8_head_loss(head: Int8Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy through the int8 output layer's own kernel, in chunks of rows."""
+    chunks = range(0, len(targets), LOSS_CHUNK_ROWS)
+    total = sum(F.cross_entropy(head(hidden[s : s + LOSS_CHUNK_ROWS]).float(), targets[s : s + LOSS_CHUNK_ROWS],
+                                ignore_index=IGNORE_INDEX, reduction="sum") for s in chunks)
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def _load_int8(path: str, ckpt: dict, device) -> GPT:
+    """The int8 model with its kernel for device; float tensors (scales, LayerNorms, biases)
+    in fp32 on CPU and bf16 on CUDA, the fast dtype there."""
+    try:
+        model = GPT(_config_from_checkpoint(path, ckpt))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model_args: {_first_line(exc)}") from exc
+    _swap_in_int8(model, lambda m: Int8Linear(m.weight.shape[1], m.weight.shape[0], getattr(m, "bias", None) is not None))
+    try:
+        model.load_state_dict(_strip_wrapper_prefixes(ckpt["model"]), strict=True)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: int8 weights do not match model_args: {_first_line(exc)}") from exc
+    model = model.to(device).to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    use_int8_kernel(model, device)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used; the message is one line fit for a CLI."""
+
+
+def unwrapped_state_dict(model: nn.Module) -> dict:
+    """model.state_dict() with the prefixes added by DDP ('module.') and torch.compile
+    ('_orig_mod.') removed, so checkpoints load into a bare GPT."""
+    return _strip_wrapper_prefixes(model.state_dict())
+
+
+def _strip_wrapper_prefixes(state: dict) -> dict:
+    prefixes = ("module.", "_orig_mod.")
+    stripped = {}
+    for key, value in state.items():
+        while key.startswith(prefixes):
+            key = key.split(".", 1)[1]
+        stripped[key] = value
+    return stripped
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """Write atomically: a crash or error mid-save leaves any previous file at path intact
+    (the temp file lives in the same directory so os.replace is a rename, not a copy)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; a server under another user must read it
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def load_checkpoint(path: str, device="cpu") -> tuple[GPT, dict]:
+    """(model in eval mode, checkpoint dict). Raises CheckpointError on anything unusable."""
+    ckpt = _read_checkpoint(path, device)
+    quantization = ckpt.get("quantization")
+    if quantization is not None:
+        if quantization == INT8_WEIGHT_ONLY:
+            return _load_int8(path, ckpt, device), ckpt
+        raise CheckpointError(f"{path}: unknown quantization {quantization!r}")
+    try:
+        model = GPT(_config_from_checkpoint(path, ckpt)).to(device)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid model_args: {_first_line(exc)}") from exc
+    try:
+        model.load_state_dict(_strip_wrapper_prefixes(ckpt["model"]), strict=True)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: weights do not match model_args: {_first_line(exc)}") from exc
+    return model.eval(), ckpt
+
+
+def _read_checkpoint(path: str, device) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        # weights_only: a checkpoint is data; unpickling arbitrary objects would run code.
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupt, truncated or "
+                              f"holds non-tensor objects): {_first_line(exc)}") from exc
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise CheckpointError(f"{path}: not a model checkpoint (expected a dict with 'model' and 'model_args')")
+    if ckpt.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {ckpt['format']!r}, this code reads {CHECKPOINT_FORMAT}")
+    return ckpt
+
+
+def _config_from_checkpoint(path: str, ckpt: dict) -> GPTConfig:
+    args = ckpt["model_args"]
+    if not isinstance(args, dict):
+        raise CheckpointError(f"{path}: model_args is not a dict")
+    unknown = sorted(set(args) - {f.name for f in fields(GPTConfig)})
+    if unknown:
+        raise CheckpointError(f"{path}: unknown model_args {unknown}")
+    return GPTConfig(**args)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
