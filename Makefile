@@ -16,12 +16,12 @@ CONFIG ?= $(shell $(PY) -c "import torch; print('config/train_code_assistant.py'
 TRAIN_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: install data train plot test clean help bench-data
+.PHONY: install data train plot serve bench test clean help bench-data
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make install | data | train | plot | test | clean"
-	@echo "  e.g. make data train        (CONFIG=config/... TRAIN_ARGS='--max_iters=100')"
+	@echo "make install | data | train | plot | serve | bench | bench-data | test | clean"
+	@echo "  e.g. make data train serve  (CONFIG=config/... TRAIN_ARGS='--max_iters=100' PORT=8001)"
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,21 @@ train: $(DATA_DIR)/meta.json $(STAMP)
 
 $(OUT_DIR)/best.pt: | $(DATA_DIR)/meta.json $(STAMP)
 	$(PY) train.py $(CONFIG) --dataset=$(DATASET) --out_dir=$(OUT_DIR) $(TRAIN_ARGS)
+
+plot: $(STAMP)
+	$(PY) train.py $(CONFIG) --out_dir=$(OUT_DIR) --plot_only=True
+
+# Stage 5: serve the best checkpoint on :8000 (HOST, PORT, MAX_BATCH, API_KEYS... from the
+# environment). No dependency on the checkpoint: a missing one prints which make target to run.
+MODEL_PATH ?= $(OUT_DIR)/best.pt
+SERVE_ARGS ?=
+serve: $(STAMP)
+	$(PY) serve_api.py --model $(MODEL_PATH) $(SERVE_ARGS)
+
+# Load test: engine vs the one-at-a-time baseline, side by side (bench/results-*.json, *.png).
+BENCH_ARGS ?=
+bench: $(STAMP) | $(OUT_DIR)/best.pt
+	$(PY) bench_serve.py --ckpt $(MODEL_PATH) --data-dir $(DATA_DIR) $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(TEST_ARGS) tests/
