@@ -16,7 +16,7 @@ CONFIG ?= $(shell $(PY) -c "import torch; print('config/train_code_assistant.py'
 TRAIN_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: install data train plot serve bench test clean help bench-data
+.PHONY: install data train plot serve bench test clean help bench-data validate-k8s monitoring-e2e container-smoke deploy-checks
 .DEFAULT_GOAL := help
 
 help:
@@ -68,3 +68,18 @@ clean:
 
 bench-data: $(STAMP)
 	$(PY) bench_data.py
+
+# ---- production files, checked by the real tools (CI runs all three)
+# Offline static checks: k8s schemas (strict, 1.25-1.37), kustomize, CRDs, promtool, hadolint.
+validate-k8s:
+	bash scripts/validate_k8s.sh
+
+# A real server + a real Prometheus on loopback: every dashboard query and alert expression.
+monitoring-e2e: $(STAMP)
+	PYTHON=$(PY) bash scripts/monitoring_e2e.sh
+
+# Build the image offline with podman and smoke-test it (/health, /ready, a completion, SIGTERM).
+container-smoke: $(STAMP)
+	PYTHON=$(PY) bash scripts/container_smoke.sh
+
+deploy-checks: validate-k8s monitoring-e2e container-smoke
