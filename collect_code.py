@@ -277,8 +277,17 @@ def results(paths: list[str], settings: Settings, workers: int):
         yield from map(processor, paths)
         return
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ctx.Pool(workers, initializer=ignore_sigint) as pool:
+    pool = ctx.Pool(workers, initializer=ignore_sigint)
+    try:
         yield from pool.imap(processor, paths, chunksize=4)
+        # close + join, not the context manager's terminate(): terminate races with the pool
+        # re-spawning a worker, which then waits forever on a queue lock (seen here: a hang).
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def collect(roots: list[str], out_dir: str, settings: Settings, workers: int) -> dict:

@@ -91,21 +91,34 @@ class Settings:
                                        "comma-separated bearer keys; none: no auth (prefer the env: flags show in ps)")
     model_id: str = option("", "--model-id", "MODEL_ID", f"model name (else the checkpoint's, else {DEFAULT_MODEL_ID})")
     fim_layout: str = option("spm", "--fim-layout", "FIM_LAYOUT", "FIM layout the model was trained on", FIM_LAYOUTS)
+    prefix_cache: bool = option(True, "--prefix-cache", "PREFIX_CACHE",
+                                "reuse the KV of earlier prompts' beginnings (--no-prefix-cache, PREFIX_CACHE=0: off)")
+    prefix_cache_mb: float = option(512.0, "--prefix-cache-mb", "PREFIX_CACHE_MB", "memory bound of the prefix cache (MiB)")
     max_body_bytes: int = option(1 << 20, "--max-body-bytes", "MAX_BODY_BYTES", "larger request bodies get 413")
     heartbeat_timeout_s: float = option(10.0, "--heartbeat-timeout", "HEARTBEAT_TIMEOUT_S",
                                         "/health fails when the engine loop is silent this long")
     log_level: str = option("info", "--log-level", "LOG_LEVEL", "verbosity", ("debug", "info", "warning", "error"))
 
 
-CONVERTERS = {"str": str, "int": int, "float": float, "tuple[str, ...]": comma_list}  # by annotation
+def boolean(value: str | bool) -> bool:
+    if isinstance(value, bool):  # from a --flag/--no-flag pair
+        return value
+    word = value.strip().lower()
+    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"not a boolean: {value!r}")
+    return word in ("1", "true", "yes", "on")
+
+
+CONVERTERS = {"str": str, "int": int, "float": float, "bool": boolean, "tuple[str, ...]": comma_list}  # by annotation
 
 
 def parse_settings(argv: list[str] | None, environ: dict[str, str]) -> Settings:
     """Flags win over environment variables, which win over the defaults (12-factor)."""
     parser = argparse.ArgumentParser(description="Serve the code-completion model over HTTP.")
     for f in fields(Settings):
+        switch = {"action": argparse.BooleanOptionalAction} if f.type == "bool" else {}
         parser.add_argument(f.metadata["flag"], dest=f.name, help=f"{f.metadata['help']} "
-                            f"[env {f.metadata['env']}; default {f.default!r}]")
+                            f"[env {f.metadata['env']}; default {f.default!r}]", **switch)
     args, values = parser.parse_args(argv), {}
     for f in fields(Settings):
         source, raw = (f.metadata["flag"], getattr(args, f.name))
@@ -123,6 +136,8 @@ def parse_settings(argv: list[str] | None, environ: dict[str, str]) -> Settings:
     settings = Settings(**values)
     if min(settings.max_batch, settings.prefill_chunk, settings.max_body_bytes) < 1 or settings.max_waiting < 0:
         parser.error("--max-batch, --prefill-chunk and --max-body-bytes must be >= 1, --max-waiting >= 0")
+    if settings.prefix_cache_mb < 0:
+        parser.error("--prefix-cache-mb must be >= 0")
     return settings
 
 
@@ -287,6 +302,16 @@ class Metrics:
         self.running = gauge("requests_running", "Requests holding a KV-cache slot")
         self.waiting = gauge("requests_waiting", "Requests queued for a slot")
         self.kv_usage = gauge("kv_cache_usage_ratio", "Occupied KV-cache slots / all slots")
+        self.prefill_tokens = counter("prefill_tokens_total", "Prompt tokens run through the model (not reused)")
+        self.prefix_queries = counter("prefix_cache_queries_total", "Prompts looked up in the prefix cache")
+        self.prefix_hits = counter("prefix_cache_hits_total", "Lookups that reused at least one cached token")
+        self.prefix_query_tokens = counter("prefix_cache_query_tokens_total", "Prompt tokens looked up")
+        self.prefix_hit_tokens = counter("prefix_cache_hit_tokens_total",
+                                         "Prompt tokens reused instead of prefilled (/ query tokens = hit ratio)")
+        self.prefix_evictions = counter("prefix_cache_evictions_total", "Prefix-cache blocks evicted for room (LRU)")
+        self.prefix_bytes = gauge("prefix_cache_bytes", "Memory held by cached prefix blocks")
+        self.prefix_blocks = gauge("prefix_cache_blocks", "Prefix-cache blocks in use")
+        self.prefix_capacity = gauge("prefix_cache_capacity_blocks", "Prefix-cache blocks that fit its memory bound")
         self.ready = gauge("ready", "1 when /ready answers 200")
         self.build_info = gauge("build_info", "What is served", ["model_id", "device", "dtype", "quantization"])
 
@@ -297,6 +322,9 @@ class Metrics:
         self.waiting.set_function(lambda: engine.num_waiting)
         self.kv_usage.set_function(lambda: engine.num_running / max(engine.max_batch, 1))
         self.ready.set_function(lambda: float(runtime.readiness() is None))
+        self.prefix_bytes.set_function(lambda: engine.prefix_cache_stats["bytes_used"])
+        self.prefix_blocks.set_function(lambda: engine.prefix_cache_stats["blocks_used"])
+        self.prefix_capacity.set_function(lambda: engine.prefix_cache_stats["blocks_capacity"])
         served = runtime.served
         self.build_info.labels(served.model_id, served.device, served.dtype, served.quantization).set(1)
 
@@ -323,6 +351,17 @@ class PrometheusObserver(EngineObserver):
     def on_step(self, batch_size, prefill_tokens, decode_tokens, step_s):
         self.m.batch_size.observe(batch_size)
         self.m.step_time.observe(step_s)
+        self.m.prefill_tokens.inc(prefill_tokens)
+
+    def on_prefix_lookup(self, query_tokens, hit_tokens):
+        self.m.prefix_queries.inc()
+        self.m.prefix_query_tokens.inc(query_tokens)
+        if hit_tokens:
+            self.m.prefix_hits.inc()
+            self.m.prefix_hit_tokens.inc(hit_tokens)
+
+    def on_prefix_evict(self, blocks):
+        self.m.prefix_evictions.inc(blocks)
 
 
 # ----------------------------------------------------------------------------- request schemas
@@ -412,7 +451,8 @@ class Runtime:
         self.enc = load_tokenizer()
         self.metrics = Metrics()
         config = EngineConfig(max_batch=settings.max_batch, max_waiting=settings.max_waiting,
-                              max_queue_wait_s=settings.max_queue_wait_s, prefill_chunk=settings.prefill_chunk)
+                              max_queue_wait_s=settings.max_queue_wait_s, prefill_chunk=settings.prefill_chunk,
+                              prefix_cache=settings.prefix_cache, prefix_cache_mb=settings.prefix_cache_mb)
         self.engine = Engine(served.model, config, enc=self.enc, observer=PrometheusObserver(self.metrics),
                              device=served.device)
         self.phase, self.phase_detail = "warming_up", ""
@@ -590,7 +630,7 @@ async def unless_disconnected(request: Request, awaitable):
         gone.cancel()
         if not work.done():
             work.cancel()
-    if work.cancelled():
+    if not work.done() or work.cancelled():
         raise ClientGone()
     return work.result()
 
