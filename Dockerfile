@@ -85,6 +85,7 @@ WORKDIR /app
 # The project's modules (the .dockerignore lets only top-level *.py through); root-owned and
 # read-only for the server's user.
 COPY *.py ./
+COPY static/ ./static/
 COPY --from=model /models/ /models/
 
 # Server settings (serve_api.py reads these; k8s/configmap.yaml overrides them).
