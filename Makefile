@@ -16,11 +16,11 @@ CONFIG ?= $(shell $(PY) -c "import torch; print('config/train_code_assistant.py'
 TRAIN_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: install data train plot serve bench test clean help bench-data validate-k8s monitoring-e2e container-smoke deploy-checks
+.PHONY: install data train plot quantize eval serve bench test clean help bench-data validate-k8s monitoring-e2e container-smoke deploy-checks
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make install | data | train | plot | serve | bench | bench-data | test | clean"
+	@echo "make install | data | train | plot | quantize | eval | serve | bench | bench-data | test | clean"
 	@echo "  e.g. make data train serve  (CONFIG=config/... TRAIN_ARGS='--max_iters=100' PORT=8001)"
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -47,6 +47,14 @@ $(OUT_DIR)/best.pt: | $(DATA_DIR)/meta.json $(STAMP)
 
 plot: $(STAMP)
 	$(PY) train.py $(CONFIG) --out_dir=$(OUT_DIR) --plot_only=True
+
+# Stage 4: INT8 weights (CPU and CUDA from one file) and the evaluation of both side by side.
+INT8_PATH ?= $(OUT_DIR)/ckpt_int8.pt
+quantize: $(STAMP) | $(OUT_DIR)/best.pt
+	$(PY) quantize_model.py --ckpt $(OUT_DIR)/best.pt --out $(INT8_PATH)
+
+eval: $(STAMP) | $(OUT_DIR)/best.pt
+	$(PY) evaluate.py --ckpt $(OUT_DIR)/best.pt $$(test -f $(INT8_PATH) && echo --compare $(INT8_PATH)) $(EVAL_ARGS)
 
 # Stage 5: serve the best checkpoint on :8000 (HOST, PORT, MAX_BATCH, API_KEYS... from the
 # environment). No dependency on the checkpoint: a missing one prints which make target to run.
