@@ -16,7 +16,7 @@ CONFIG ?= $(shell $(PY) -c "import torch; print('config/train_code_assistant.py'
 TRAIN_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: install data train plot quantize eval serve bench test clean help bench-data validate-k8s monitoring-e2e container-smoke deploy-checks
+.PHONY: install data train plot quantize eval serve bench bench-prefix-cache test clean help bench-data validate-k8s monitoring-e2e container-smoke deploy-checks
 .DEFAULT_GOAL := help
 
 help:
@@ -67,6 +67,10 @@ serve: $(STAMP)
 BENCH_ARGS ?=
 bench: $(STAMP) | $(OUT_DIR)/best.pt
 	$(PY) bench_serve.py --ckpt $(MODEL_PATH) --data-dir $(DATA_DIR) $(BENCH_ARGS)
+
+# Prefix caching on vs off, the editor (typing) workload.
+bench-prefix-cache: $(STAMP) | $(OUT_DIR)/best.pt
+	$(PY) bench_serve.py --ckpt $(MODEL_PATH) --data-dir $(DATA_DIR) --workload typing --levels 32,128 --compare prefix-cache $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(TEST_ARGS) tests/

@@ -4,8 +4,12 @@ and cost per 1K tokens at rising concurrency, against a one-at-a-time baseline i
     python bench_serve.py --ckpt out-code-assistant/best.pt          (make bench)
     python bench_serve.py --url http://127.0.0.1:8000 [--baseline-url URL]
 
-With --ckpt it starts serve_api.py itself on a free loopback port (and again with --max-batch 1
-as the baseline), waits for /ready, and stops it with SIGTERM at the end. Every virtual user is
+With --ckpt it starts serve_api.py itself on a free loopback port (and again as the baseline:
+with --max-batch 1, or with --compare prefix-cache the same settings and --no-prefix-cache),
+waits for /ready, and stops it with SIGTERM at the end. With a baseline, a few fixed prompts
+are first sent to both servers at temperature 0, one at a time, and their completions compared
+("greedy_identity" in the JSON). Each level reports the server's prefix-cache figures (hit rate,
+prompt tokens prefilled per request) from /metrics. Every virtual user is
 an asyncio task on one httpx.AsyncClient, so 256 users cost 256 sockets, not 256 threads.
 
 Workloads:
@@ -13,7 +17,10 @@ Workloads:
                held-out file, waits for it, sends the next.
   typing       an editor plugin: the cursor advances a few characters at a time, a FIM request
                (prompt + suffix) goes out after a debounce pause, and the user's previous
-               in-flight request is cancelled by closing its stream.
+               in-flight request is cancelled by closing its stream. The plugin cuts the text
+               before the cursor on a grid of --typing-window-step tokens, as the server's own
+               truncation does (1: exactly the last N tokens, so the start moves at every
+               keystroke and no prompt can reuse the previous one's KV).
 
 Prints a table, writes bench/results-<timestamp>.json and a .png plot beside it.
 """
@@ -40,6 +47,16 @@ from dataclasses import asdict, dataclass, field, replace
 import httpx
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+COMPARISONS = {  # --compare: the baseline's extra serve_api.py arguments, and its max-batch (None: the engine's)
+    "max-batch-1": ((), 1),  # the seed's one-request-at-a-time design
+    "prefix-cache": (("--no-prefix-cache",), None),  # the same server without prefix caching
+}
+GREEDY_PROBES = 12  # prompts sent to both servers at temperature 0 to compare their completions
+PREFIX_METRICS = {  # level field: regex of the server's counter
+    "queries": r"\w*prefix_cache_queries_total", "hits": r"\w*prefix_cache_hits_total",
+    "query_tokens": r"\w*prefix_cache_query_tokens_total", "hit_tokens": r"\w*prefix_cache_hit_tokens_total",
+    "prefilled_tokens": r"\w*prefill_tokens_total", "evictions": r"\w*prefix_cache_evictions_total",
+}
 PROMPT_POOL_SIZE = 1024  # enough distinct prompts that a prefix cache cannot serve every request
 MAX_BACKOFF_S = 2.0  # cap on a rejected user's Retry-After pause
 LEVEL_GRACE_S = 5.0  # a level's hard deadline: duration + request timeout + this
@@ -73,6 +90,7 @@ class Settings:
     temperature: float = 0.0
     stream: bool = True
     typing_cps: tuple[float, float] = (5.0, 10.0)
+    typing_window_step: int = 64
     debounce_ms: tuple[float, float] = (150.0, 300.0)
     request_timeout: float = 60.0
     ready_timeout: float = 300.0
@@ -80,6 +98,8 @@ class Settings:
     max_waiting: int | None = None
     max_queue_wait: float | None = None
     prefill_chunk: int | None = None
+    fim_layout: str | None = None
+    compare: str = "max-batch-1"  # what the baseline server is: see COMPARISONS
     server_args: list[str] = field(default_factory=list)
     model_id: str | None = None
     api_key: str | None = None
@@ -120,7 +140,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     target.add_argument("--ckpt", help="a checkpoint: start serve_api.py on loopback for the run")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=None,
-                   help="also bench the same checkpoint with --max-batch 1 (default: on with --ckpt)")
+                   help="also bench the same checkpoint as a baseline (see --compare; default: on with --ckpt)")
+    p.add_argument("--compare", choices=tuple(COMPARISONS), default=d.compare,
+                   help="the baseline: max-batch-1 (one request at a time) or prefix-cache (--no-prefix-cache)")
     p.add_argument("--baseline-url", help="with --url: a running one-at-a-time server to compare against")
     p.add_argument("--workload", choices=("independent", "typing"), default=d.workload)
     p.add_argument("--levels", type=level_list, default=d.levels, help="concurrent users, e.g. 1,8,32,128,256")
@@ -133,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=d.stream)
     p.add_argument("--typing-cps", type=pair, default=d.typing_cps, metavar="LOW,HIGH", help="typing speed, chars/s")
+    p.add_argument("--typing-window-step", type=int, default=d.typing_window_step, metavar="TOKENS",
+                   help="typing: the plugin moves the start of its prompt in steps of this many tokens")
     p.add_argument("--debounce-ms", type=pair, default=d.debounce_ms, metavar="LOW,HIGH")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout, help="seconds, whole request")
     p.add_argument("--ready-timeout", type=float, default=d.ready_timeout, help="seconds to wait for /ready")
@@ -140,6 +164,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--max-waiting", type=int, help="passed to serve_api.py")
     p.add_argument("--max-queue-wait", type=float, help="passed to serve_api.py")
     p.add_argument("--prefill-chunk", type=int, help="passed to serve_api.py")
+    p.add_argument("--fim-layout", choices=("spm", "psm"), help="passed to serve_api.py (default: its own, spm)")
     p.add_argument("--server-arg", action="append", default=[], dest="server_args",
                    help="extra serve_api.py argument (repeatable), e.g. --server-arg=--device=cuda")
     p.add_argument("--model-id", help="model field of requests (default: the server's first /v1/models id)")
@@ -163,6 +188,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         p.error("--baseline with --url needs --baseline-url (or use --ckpt)")
     if settings.duration <= 0 or settings.request_timeout <= 0 or settings.max_tokens < 1:
         p.error("--duration, --request-timeout and --max-tokens must be positive")
+    if settings.typing_window_step < 1:
+        p.error("--typing-window-step must be >= 1")
     return settings
 
 
@@ -229,9 +256,11 @@ class Editor:
     """One user's editor: they retype a region of a held-out file; the text after the region
     is the suffix, the text before the cursor the prefix (both cut to token budgets, as plugins do)."""
 
-    def __init__(self, files: list[HeldOutFile], rng: random.Random, prefix_tokens: int, suffix_tokens: int):
+    def __init__(self, files: list[HeldOutFile], rng: random.Random, prefix_tokens: int, suffix_tokens: int,
+                 window_step: int = 1):
         self.files, self.rng = files, rng
         self.prefix_tokens, self.suffix_tokens = prefix_tokens, suffix_tokens
+        self.window_step = max(1, min(window_step, prefix_tokens // 4))  # never give up over 1/4 of the prefix
         self.jump()
 
     def jump(self) -> None:
@@ -251,7 +280,9 @@ class Editor:
     def context(self) -> tuple[str, str]:
         starts, text = self.doc.token_starts, self.doc.text
         at = max(0, bisect.bisect_right(starts, self.cursor) - 1)
-        prefix_start = starts[max(0, at - self.prefix_tokens)] if starts else 0
+        # The first token kept is on a grid of the file's tokens, so it stays put while typing.
+        first = -(-max(0, at - self.prefix_tokens) // self.window_step) * self.window_step
+        prefix_start = starts[min(first, at)] if starts else 0
         after = bisect.bisect_left(starts, self.region_end) + self.suffix_tokens
         suffix_end = starts[after] if after < len(starts) else len(text)
         return text[prefix_start:self.cursor], text[self.region_end:suffix_end]
@@ -420,11 +451,16 @@ async def closed_loop_user(level: Level, user: int, pool: list[str]) -> None:
             await asyncio.sleep(pause)
 
 
+def new_editor(files: list[HeldOutFile], rng: random.Random, s: Settings) -> Editor:
+    prefix_tokens = max(1, (s.prompt_max - FIM_OVERHEAD_TOKENS) * 3 // 4)
+    return Editor(files, rng, prefix_tokens, max(0, s.prompt_max - FIM_OVERHEAD_TOKENS - prefix_tokens),
+                  s.typing_window_step)
+
+
 async def typing_user(level: Level, user: int, files: list[HeldOutFile]) -> None:
     s = level.settings
     rng = user_rng(s, user)
-    prefix_tokens = max(1, (s.prompt_max - FIM_OVERHEAD_TOKENS) * 3 // 4)
-    editor = Editor(files, rng, prefix_tokens, max(0, s.prompt_max - FIM_OVERHEAD_TOKENS - prefix_tokens))
+    editor = new_editor(files, rng, s)
     latest: asyncio.Task | None = None
     while level.keep_sending():
         step = rng.randint(1, 4)  # "a few characters at a time"
@@ -468,8 +504,30 @@ def rounded(x: float | None, digits: int = 1) -> float | None:
     return None if x is None else round(x, digits)
 
 
+def prefix_cache_figures(before: dict, after: dict) -> dict | None:
+    """A level's prefix-cache figures from the server's counters before and after it (None when
+    the server exports none): hit rates, and prompt tokens prefilled per request, both as the
+    lookups say (prompt minus hit tokens) and as the engine counted what it computed (lower
+    when requests are cancelled before their prompt is done)."""
+    delta = {k: after[k] - before[k] for k in PREFIX_METRICS if before.get(k) is not None and after.get(k) is not None}
+    queries = delta.get("queries")
+    if not queries or "query_tokens" not in delta or "hit_tokens" not in delta:
+        return None
+
+    def per(x):
+        return round(x, 4) if x is not None else None
+    return {"queries": int(queries),
+            "hit_rate": per(delta["hits"] / queries) if "hits" in delta else None,
+            "token_hit_rate": per(delta["hit_tokens"] / delta["query_tokens"]) if delta["query_tokens"] else None,
+            "prompt_tokens_per_request": per(delta["query_tokens"] / queries),
+            "prefill_tokens_per_request": per((delta["query_tokens"] - delta["hit_tokens"]) / queries),
+            "computed_prefill_tokens_per_request": per(delta["prefilled_tokens"] / queries)
+            if "prefilled_tokens" in delta else None,
+            "evictions": int(delta["evictions"]) if "evictions" in delta else None}
+
+
 def summarize(users: int, recorder: Recorder, elapsed: float, server_cancels: float | None,
-              client_cpu_s: float = 0.0) -> dict:
+              client_cpu_s: float = 0.0, prefix_cache: dict | None = None) -> dict:
     results = recorder.results
     counts = Counter(r.outcome for r in results)
     ok = [r for r in results if r.outcome == "ok"]
@@ -491,6 +549,7 @@ def summarize(users: int, recorder: Recorder, elapsed: float, server_cancels: fl
         "rate_503": round(counts["rejected_503"] / sent, 4) if sent else 0.0,
         "error_rate": round(counts["error"] / sent, 4) if sent else 0.0,
         "server_cancellations": server_cancels,
+        "prefix_cache": prefix_cache,
         # The load generator's own CPU time: near elapsed_s it was the bottleneck, not the server.
         "client_cpu_s": round(client_cpu_s, 3),
         "not_ok_details": dict(Counter(r.detail for r in results if r.outcome not in ("ok", "cancelled"))
@@ -535,6 +594,16 @@ def scrape_counter(base_url: str, pattern: str, headers: dict) -> float | None:
     """Sum of the samples of every metric whose name matches pattern (None if there is none)."""
     values = [v for name, _, v in metric_samples(base_url, headers) if re.fullmatch(pattern, name)]
     return sum(values) if values else None
+
+
+def scrape_counters(base_url: str, patterns: dict[str, str], headers: dict) -> dict[str, float | None]:
+    """{key: sum of the samples of the metrics whose name matches patterns[key]}, one scrape."""
+    samples = metric_samples(base_url, headers)
+    found = {}
+    for key, pattern in patterns.items():
+        values = [v for name, _, v in samples if re.fullmatch(pattern, name)]
+        found[key] = sum(values) if values else None
+    return found
 
 
 def build_info(base_url: str, headers: dict) -> dict:
@@ -606,23 +675,23 @@ def served_model_id(base_url: str, settings: Settings) -> str:
     return settings.model_id or str(model_card(base_url, settings).get("id") or "code-assistant")
 
 
-def server_command(settings: Settings, port: int, max_batch: int | None) -> list[str]:
+def server_command(settings: Settings, port: int, max_batch: int | None, extra_args: tuple[str, ...] = ()) -> list[str]:
     cmd = [sys.executable, os.path.join(REPO_DIR, "serve_api.py"), "--model", settings.ckpt,
            "--host", "127.0.0.1", "--port", str(port)]
     options = {"--max-batch": max_batch, "--max-waiting": settings.max_waiting,
                "--max-queue-wait": settings.max_queue_wait, "--prefill-chunk": settings.prefill_chunk,
-               "--model-id": settings.model_id}
+               "--model-id": settings.model_id, "--fim-layout": settings.fim_layout}
     for flag, value in options.items():
         if value is not None:
             cmd += [flag, str(value)]
-    return cmd + settings.server_args
+    return cmd + list(extra_args) + settings.server_args
 
 
 @contextlib.contextmanager
-def managed_server(settings: Settings, max_batch: int | None, log_path: str):
+def managed_server(settings: Settings, max_batch: int | None, log_path: str, extra_args: tuple[str, ...] = ()):
     """serve_api.py on a free loopback port; yields (base_url, health info, command). Always stopped."""
     port = free_port()
-    cmd = server_command(settings, port, max_batch)
+    cmd = server_command(settings, port, max_batch, extra_args)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_DIR)
     try:
@@ -664,6 +733,7 @@ def new_client(settings: Settings, users: int) -> httpx.AsyncClient:
 async def run_level(target: Target, users: int, settings: Settings, workload, progress) -> dict:
     recorder = Recorder(settings.request_timeout)
     cancels_before = scrape_counter(target.base_url, settings.cancel_metric, auth_headers(settings))
+    prefix_before = scrape_counters(target.base_url, PREFIX_METRICS, auth_headers(settings))
     cpu_before = time.process_time()
     async with new_client(settings, users) as client:
         start = time.monotonic()
@@ -685,7 +755,8 @@ async def run_level(target: Target, users: int, settings: Settings, workload, pr
         await asyncio.gather(*user_tasks, *level.tasks, ticker, return_exceptions=True)
     cancels_after = scrape_counter(target.base_url, settings.cancel_metric, auth_headers(settings))
     server_cancels = None if cancels_before is None or cancels_after is None else cancels_after - cancels_before
-    return summarize(users, recorder, elapsed, server_cancels, time.process_time() - cpu_before)
+    prefix = prefix_cache_figures(prefix_before, scrape_counters(target.base_url, PREFIX_METRICS, auth_headers(settings)))
+    return summarize(users, recorder, elapsed, server_cancels, time.process_time() - cpu_before, prefix)
 
 
 async def tick(progress, start: float, duration: float, recorder: Recorder) -> None:
@@ -716,10 +787,55 @@ async def preflight(target: Target, settings: Settings, workload) -> None:
         raise BenchError(f"test completion against {target.base_url} failed: {result.detail}")
 
 
-def run_sweep(target: Target, settings: Settings, workload, progress) -> list[dict]:
-    async def sweep() -> list[dict]:
+def probe_payloads(level: Level, settings: Settings, workload) -> list[dict]:
+    """The fixed prompts of the greedy-identity check: for typing, a few editors' consecutive
+    keystrokes (each prompt extends the one before, so a cache serves most of it); otherwise
+    pool prompts, each sent twice (the second is a full hit)."""
+    if settings.workload != "typing":
+        return [level.payload(prompt) for prompt in workload[: GREEDY_PROBES // 2] for _ in range(2)]
+    rng = random.Random(settings.seed + 1)
+    payloads = []
+    for _ in range(3):
+        editor = new_editor(workload, rng, settings)
+        for _ in range(GREEDY_PROBES // 3):
+            editor.type(rng.randint(1, 4))
+            payloads.append(level.payload(*editor.context()))
+    return payloads
+
+
+async def greedy_probe(target: Target, settings: Settings, workload) -> dict:
+    """Completions of the probe prompts at temperature 0, one request at a time."""
+    recorder = Recorder(settings.request_timeout)
+    texts = []
+    async with new_client(settings, 1) as client:
+        level = Level(settings, f"{target.base_url}/v1/completions", target.model_id, client, recorder, 0.0)
+        for payload in probe_payloads(level, settings, workload):
+            payload = {k: v for k, v in payload.items() if k != "stream_options"}
+            response = await client.post(level.url, json={**payload, "temperature": 0.0, "stream": False})
+            if response.status_code != 200:
+                raise BenchError(f"greedy probe against {target.base_url} failed: HTTP {response.status_code}: "
+                                 f"{error_message(response.content)}")
+            texts.append(response.json()["choices"][0]["text"])
+    return {"prompts": len(texts), "texts": texts}
+
+
+def greedy_identity(servers: dict) -> dict | None:
+    """Whether the engine and the baseline gave the same greedy completions of the probes."""
+    if "baseline" not in servers or "greedy_probe" not in servers["engine"]:
+        return None
+    mine, theirs = servers["engine"]["greedy_probe"]["texts"], servers["baseline"]["greedy_probe"]["texts"]
+    differ = [i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b]
+    return {"prompts": len(mine), "identical": len(mine) - len(differ), "all_identical": not differ and len(mine) > 0,
+            "first_mismatch": None if not differ else {"index": differ[0], "engine": mine[differ[0]],
+                                                        "baseline": theirs[differ[0]]}}
+
+
+def run_sweep(target: Target, settings: Settings, workload, progress) -> dict:
+    """{"levels": [...]} and, when there is a baseline to compare with, "greedy_probe"."""
+    async def sweep() -> dict:
         await preflight(target, settings, workload)
-        levels = []
+        result = {"greedy_probe": await greedy_probe(target, settings, workload)} if settings.baseline else {}
+        levels = result["levels"] = []
         first = progress.n if progress is not None else 0.0
         for i, users in enumerate(settings.levels):
             if progress is not None:
@@ -731,7 +847,7 @@ def run_sweep(target: Target, settings: Settings, workload, progress) -> list[di
             failure = server_failed(stats)
             if failure:
                 raise BenchError(f"{target.label} at {users} users: {failure}")
-        return levels
+        return result
     return asyncio.run(sweep())
 
 
@@ -746,10 +862,15 @@ def ratios(engine: list[dict], baseline: list[dict]) -> list[dict]:
         if b is None:
             continue
         e95, b95 = e["latency_ms"]["p95"], b["latency_ms"]["p95"]
-        rows.append({"users": e["users"],
-                     "throughput_x": round(e["tokens_per_s"] / b["tokens_per_s"], 2) if b["tokens_per_s"] else None,
-                     "requests_x": round(e["requests_per_s"] / b["requests_per_s"], 2) if b["requests_per_s"] else None,
-                     "p95_ratio": round(e95 / b95, 3) if e95 is not None and b95 else None})
+        e50, b50 = e["latency_ms"].get("p50"), b["latency_ms"].get("p50")
+        row = {"users": e["users"],
+               "throughput_x": round(e["tokens_per_s"] / b["tokens_per_s"], 2) if b["tokens_per_s"] else None,
+               "requests_x": round(e["requests_per_s"] / b["requests_per_s"], 2) if b["requests_per_s"] else None,
+               "p95_ratio": round(e95 / b95, 3) if e95 is not None and b95 else None,
+               "p50_ratio": round(e50 / b50, 3) if e50 is not None and b50 else None}
+        e_pre, b_pre = (((s.get("prefix_cache") or {}).get("prefill_tokens_per_request")) for s in (e, b))
+        row["prefill_tokens_x"] = round(b_pre / e_pre, 2) if e_pre and b_pre is not None else None
+        rows.append(row)
     return rows
 
 
@@ -796,17 +917,39 @@ def print_table(report: dict) -> None:
                   f"{s['rejected_503']:>6}{s['cancelled']:>7}{fmt(s['requests_per_s'], 8, 2)}"
                   f"{fmt(s['tokens_per_s'], 9)}{fmt(lat['p50'], 9)}{fmt(lat['p95'], 9)}{fmt(lat['p99'], 9)}"
                   f"{fmt(ttft['p50'], 8)}{fmt(ttft['p95'], 8)}")
+    print_prefix_cache(report)
     if report["ratios"]:
-        print("\nengine vs baseline (max-batch 1), same workload:")
+        baseline = {"max-batch-1": "max-batch 1", "prefix-cache": "no prefix cache"}[report["settings"]["compare"]]
+        print(f"\nengine vs baseline ({baseline}), same workload:")
         for r in report["ratios"]:
+            fewer = (f", {fmt(r['prefill_tokens_x'], 0, 1).strip()}x fewer prompt tokens prefilled per request"
+                     if r.get("prefill_tokens_x") is not None else "")
             print(f"  {r['users']:>4} users: throughput {fmt(r['throughput_x'], 0, 2).strip()}x, "
-                  f"p95 latency ratio {fmt(r['p95_ratio'], 0, 2).strip()}")
+                  f"p50 latency ratio {fmt(r.get('p50_ratio'), 0, 2).strip()}, "
+                  f"p95 latency ratio {fmt(r['p95_ratio'], 0, 2).strip()}{fewer}")
+    identity = report.get("greedy_identity")
+    if identity:
+        print(f"greedy identity: {identity['identical']} of {identity['prompts']} probe completions identical "
+              f"on both servers")
     for label, c in report["cost"].items():
         if c["usd_per_1k_tokens"] is None:
             print(f"cost ({label}): {c['note']}")
         else:
             print(f"cost ({label}): ${c['usd_per_1k_tokens']:.5f} per 1K generated tokens at ${c['price_per_hour']:.2f}/h, "
                   f"{c['users']} users, {c['tokens_per_s']:,.0f} tok/s, p95 {fmt(c['p95_ms'], 0).strip()} ms: {c['note']}")
+
+
+def print_prefix_cache(report: dict) -> None:
+    rows = [(label, s["users"], s["prefix_cache"]) for label, server in report["servers"].items()
+            for s in server["levels"] if s.get("prefix_cache")]
+    if not rows:
+        return
+    print(f"\n{'server':<9}{'users':>6}{'lookups':>9}{'hit rate':>10}{'tok hit':>9}{'prompt/req':>12}"
+          f"{'prefill/req':>13}{'evicted':>9}")
+    for label, users, p in rows:
+        print(f"{label:<9}{users:>6}{p['queries']:>9}{fmt(p['hit_rate'], 10, 3)}{fmt(p['token_hit_rate'], 9, 3)}"
+              f"{fmt(p['prompt_tokens_per_request'], 12, 1)}{fmt(p['prefill_tokens_per_request'], 13, 1)}"
+              f"{fmt(p['evictions'], 9)}")
 
 
 def plot(report: dict, path: str) -> None:
@@ -885,29 +1028,31 @@ def fit_prompts_to_context(settings: Settings, block_size: int) -> Settings:
 def bench_running(label: str, url: str, settings: Settings, workload, progress) -> dict:
     info = wait_until_ready(url, settings)
     target = Target(label, url, served_model_id(url, settings), info)
-    return {"url": url, "server_info": info, "levels": run_sweep(target, settings, workload, progress)}
+    return {"url": url, "server_info": info, **run_sweep(target, settings, workload, progress)}
 
 
-def bench_started(label: str, max_batch: int | None, settings: Settings, workload, progress, log_path: str) -> dict:
-    with managed_server(settings, max_batch, log_path) as (url, info, cmd):
+def bench_started(label: str, max_batch: int | None, settings: Settings, workload, progress, log_path: str,
+                  extra_args: tuple[str, ...] = ()) -> dict:
+    with managed_server(settings, max_batch, log_path, extra_args) as (url, info, cmd):
         target = Target(label, url, served_model_id(url, settings), info)
         return {"command": cmd[1:], "log": log_path, "server_info": info,
-                "levels": run_sweep(target, settings, workload, progress)}
+                **run_sweep(target, settings, workload, progress)}
 
 
 def bench_targets(settings: Settings, stamp: str, workload, progress) -> dict:
     """The sweep on the engine, then on the baseline (one after the other: side by side on the
     same machine, never competing for it); returns {label: server report}."""
-    runs = [("engine", settings.max_batch, settings.url)]
+    runs = [("engine", settings.max_batch, settings.url, ())]
     if settings.baseline:
-        runs.append(("baseline", 1, settings.baseline_url))  # the seed's one-request-at-a-time design
+        extra_args, max_batch = COMPARISONS[settings.compare]
+        runs.append(("baseline", max_batch or settings.max_batch, settings.baseline_url, extra_args))
     servers = {}
-    for label, max_batch, url in runs:
+    for label, max_batch, url, extra_args in runs:
         if url:
             servers[label] = bench_running(label, url, settings, workload, progress)
         else:
             log_path = os.path.join(settings.out_dir, f"results-{stamp}-{label}.log")
-            servers[label] = bench_started(label, max_batch, settings, workload, progress, log_path)
+            servers[label] = bench_started(label, max_batch, settings, workload, progress, log_path, extra_args)
     return servers
 
 
@@ -940,6 +1085,7 @@ def build_report(settings: Settings, ckpt: dict | None, servers: dict, started: 
             "settings": dict(asdict(settings), api_key="***" if settings.api_key else None),
             "machine": machine_info(), "checkpoint": ckpt, "servers": servers,
             "ratios": ratios(servers["engine"]["levels"], baseline["levels"]) if baseline else [],
+            "greedy_identity": greedy_identity(servers),
             "cost": {label: cost(server["levels"], settings) for label, server in servers.items()}}
 
 

@@ -11,8 +11,11 @@ The parts, each small and owned by the loop thread unless said otherwise:
   TokenHealer   which tokens may start a completion whose prompt ended inside a token
   Detokenizer   token ids -> text pieces that are safe to stream (UTF-8, stop strings)
   Sampler       greedy / temperature / top-k / top-p over the whole batch at once
-  ModelRunner   the KV cache and the model calls
-  Scheduler     waiting queue, slot assignment (with prefix reuse), prefill budget
+  ModelRunner   the KV cache, the prefix cache (prefix_cache.py: earlier prompts' KV in blocks,
+                copied into a new request's slot so only the rest of its prompt is prefilled),
+                and the model calls
+  Scheduler     waiting queue, slot assignment (a free slot holding the prompt's start first),
+                prefill budget
   RequestHandle the caller's side of one request (any thread, or an asyncio loop)
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import AsyncIterator
 
 import torch
 
+from prefix_cache import PrefixCache
 from tokenizer import EOT_ID, FIM_LAYOUTS, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, fim_ids, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 # a health check sees a fresh heartbeat, long enough to cost nothing.
 IDLE_WAIT_S = 0.25
 FIM_MARKER_TOKENS = 3
+MAX_TRUNCATION_STEP = 64  # tokens; see truncation_step
 
 
 # ----------------------------------------------------------------------------- public types
@@ -73,7 +78,12 @@ class EngineConfig:
     max_waiting: int = 256  # bounded waiting queue
     max_queue_wait_s: float = 10.0
     prefill_chunk: int = 512  # prompt tokens prefilled per engine step, across requests
-    reuse_prefix: bool = True  # start a prompt from a free slot that already caches its beginning
+    # Prefix caching: a prompt starts from the KV of earlier prompts that began the same way
+    # (the free slot holding the longest beginning, and the block pool of prefix_cache.py).
+    prefix_cache: bool = True
+    prefix_block_tokens: int = 16  # tokens per cached block: a hit covers whole blocks
+    prefix_cache_mb: float = 512.0  # memory bound of the block pool (MiB)
+    prefix_cache_blocks: int = 0  # 0: as many blocks as prefix_cache_mb holds
 
 
 class QueueFull(Exception):
@@ -109,7 +119,7 @@ class Completion:
     queue_s: float = 0.0
     ttft_s: float = 0.0
     latency_s: float = 0.0
-    cached_tokens: int = 0  # prompt tokens reused from a slot's cache (prefix reuse)
+    cached_tokens: int = 0  # prompt tokens not prefilled: reused by prefix caching
 
 
 class EngineObserver:
@@ -120,6 +130,8 @@ class EngineObserver:
     def on_first_token(self, ttft_s: float, queue_s: float): ...
     def on_finish(self, completion: Completion): ...
     def on_step(self, batch_size: int, prefill_tokens: int, decode_tokens: int, step_s: float): ...
+    def on_prefix_lookup(self, query_tokens: int, hit_tokens: int): ...  # at admission, cache on or off
+    def on_prefix_evict(self, blocks: int): ...
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -143,14 +155,34 @@ def split_fim_prompt(prompt: str) -> tuple[str, str] | None:
     return "".join(prefix), "".join(suffix)
 
 
+def truncation_step(budget: int) -> int:
+    """Granularity of prompt truncation: at most 1/16 of the budget (64 tokens) given up so
+    that the prompt's start moves once per `step` typed tokens, not at every keystroke."""
+    return max(1, min(MAX_TRUNCATION_STEP, budget // 16))
+
+
+def tokens_to_drop(length: int, budget: int) -> int:
+    """How many leading tokens to cut so `length` tokens fit `budget`: a multiple of the
+    truncation step. Cutting exactly the excess would move the start of the prompt with
+    every keystroke as the text grows at its end, and a moved start is a prefix-cache miss
+    for the whole prompt; cutting on a grid keeps consecutive requests' starts equal."""
+    if length <= budget:
+        return 0
+    step = truncation_step(budget)
+    return -(-(length - budget) // step) * step
+
+
 def truncate_fim(prefix: list[int], suffix: list[int], budget: int) -> tuple[list[int], list[int]]:
     """Keep the END of the prefix and the START of the suffix (the text nearest the cursor);
-    the suffix gets at most a quarter of the budget unless the prefix leaves it more."""
+    the suffix gets at most a quarter of the budget unless the prefix leaves it more. Both
+    cuts move in steps (see tokens_to_drop): in SPM the suffix comes first, so a suffix cut
+    that shrank with every typed token would make every request a cache miss."""
     if len(prefix) + len(suffix) <= budget:
         return prefix, suffix
-    suffix_budget = min(len(suffix), max(budget // 4, budget - len(prefix)))
-    prefix_budget = budget - suffix_budget
-    return (prefix[-prefix_budget:] if prefix_budget > 0 else []), suffix[:suffix_budget]
+    step = truncation_step(budget)
+    room_beside_prefix = (budget - len(prefix)) // step * step
+    suffix_budget = min(len(suffix), max(budget // 4, room_beside_prefix))
+    return prefix[tokens_to_drop(len(prefix), budget - suffix_budget) :], suffix[:suffix_budget]
 
 
 def build_prompt_ids(enc, prompt: str, suffix: str | None, max_prompt_tokens: int,
@@ -170,7 +202,8 @@ def build_prompt_ids(enc, prompt: str, suffix: str | None, max_prompt_tokens: in
             raise ValueError("prompt is empty: nothing to complete")
         if max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
-        return enc.encode_ordinary(text)[-max_prompt_tokens:]
+        ids = enc.encode_ordinary(text)
+        return ids[tokens_to_drop(len(ids), max_prompt_tokens) :]
     if not prefix and not fim_suffix:
         raise ValueError("prompt and suffix are both empty: nothing to complete")
     budget = max_prompt_tokens - FIM_MARKER_TOKENS
@@ -405,8 +438,11 @@ class Sequence:
     def prefill_left(self) -> int:
         return max(0, len(self.prompt) - self.num_cached)
 
-    def cached_tokens(self) -> list[int]:
-        return (self.prompt + self.output_ids)[: self.num_cached]
+    def prefilled_prompt(self) -> list[int]:
+        """The prompt tokens whose KV prefill has put in the slot. Generated tokens' KV is
+        never reused: decode computes it with other kernels than a prefill of the same
+        tokens would, and a cache hit must attend to exactly what prefill produces."""
+        return self.prompt[: self.num_cached]
 
 
 # ----------------------------------------------------------------------------- sampler
@@ -486,13 +522,32 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 
 
 class ModelRunner:
-    """The KV cache (one slot per running request) and the model calls that fill it."""
+    """The KV cache (one slot per running request), the prefix cache that outlives the
+    requests (None when off), and the model calls that fill them."""
 
-    def __init__(self, model, n_slots: int, max_context: int, device):
+    def __init__(self, model, config: EngineConfig, max_context: int, device):
         self.model = model
         self.device = device
         dtype = next(model.parameters()).dtype
-        self.cache = model.allocate_kv_cache(n_slots, max_context, dtype, device)
+        self.cache = model.allocate_kv_cache(config.max_batch, max_context, dtype, device)
+        self.prefix_cache = None
+        if config.prefix_cache and self.cache is not None:  # None: a stand-in model without KV
+            self.prefix_cache = PrefixCache.sized(self.cache, config.prefix_block_tokens, config.prefix_cache_mb,
+                                                  config.prefix_cache_blocks)
+
+    def restore_prefix(self, seq: Sequence) -> None:
+        """Start a newly admitted sequence from the longest cached beginning of its prompt
+        (the slot may hold some of it already: seq.num_cached)."""
+        if self.prefix_cache is not None:
+            seq.num_cached = self.prefix_cache.restore(self.cache, seq.slot, seq.prompt, held=seq.num_cached)
+        seq.reused_tokens = seq.num_cached
+
+    def store_prefix(self, seq: Sequence) -> int:
+        """Cache the prompt blocks prefill has put in the sequence's slot; returns the number
+        of blocks evicted for room."""
+        if self.prefix_cache is None:
+            return 0
+        return self.prefix_cache.store(self.cache, seq.slot, seq.prefilled_prompt())
 
     def prefill(self, seq: Sequence, n_tokens: int) -> torch.Tensor:
         """Feed the next n_tokens of the prompt; logits (V,) after the last of them."""
@@ -537,19 +592,23 @@ class Scheduler:
             self.waiting = collections.deque(s for s in self.waiting if id(s) not in gone)
         return expired, cancelled
 
-    def admit(self, now: float) -> None:
+    def admit(self, now: float) -> list[Sequence]:
+        """Move waiting sequences into free slots; returns those admitted."""
+        admitted = []
         while self.waiting and self._free_slots:
             seq = self.waiting.popleft()
             seq.slot, seq.reused_tokens = self._pick_slot(seq.prompt)
             seq.num_cached, seq.admitted_at = seq.reused_tokens, now
             self.running.append(seq)
+            admitted.append(seq)
+        return admitted
 
     def _pick_slot(self, prompt: list[int]) -> tuple[int, int]:
-        """The free slot caching the longest beginning of this prompt (an editor re-sends
-        the same file prefix as the user types); at least one prompt token is always fed,
-        as its logits give the first output token."""
+        """The free slot already holding the longest beginning of this prompt, to the token
+        (the user's previous request may have left it there); at least one prompt token is
+        always fed, as its logits give the first output token."""
         best, best_len = self._free_slots[0], 0
-        if self.config.reuse_prefix:
+        if self.config.prefix_cache:
             for slot in self._free_slots:
                 n = _common_prefix_len(self._slot_tokens[slot], prompt)
                 if n > best_len:
@@ -574,7 +633,7 @@ class Scheduler:
 
     def release(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self._slot_tokens[seq.slot] = seq.cached_tokens()
+        self._slot_tokens[seq.slot] = seq.prefilled_prompt()
         self._free_slots.append(seq.slot)
         seq.slot = -1
 
@@ -610,7 +669,9 @@ class Engine:
         self._vocab = Vocabulary(self.enc, model.config.vocab_size)
         self._healer = TokenHealer(self._vocab, self.device)
         self._sampler = Sampler(self._vocab, self._healer)
-        self._runner = ModelRunner(model, config.max_batch, self.max_context, self.device)
+        if config.prefix_block_tokens < 1 or config.prefix_cache_mb < 0 or config.prefix_cache_blocks < 0:
+            raise ValueError(f"invalid prefix cache config {config}")
+        self._runner = ModelRunner(model, config, self.max_context, self.device)
         self._scheduler = Scheduler(config)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -628,6 +689,16 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self._scheduler.waiting)
+
+    @property
+    def prefix_cache_stats(self) -> dict[str, int]:
+        """Blocks and bytes the prefix cache holds now, its capacity, evictions so far
+        (all 0 when it is off). Read from any thread: plain ints, a scrape may be a step old."""
+        cache = self._runner.prefix_cache
+        if cache is None:
+            return dict(blocks_used=0, blocks_capacity=0, bytes_used=0, bytes_capacity=0, evictions=0)
+        return dict(blocks_used=cache.blocks_used, blocks_capacity=cache.capacity_blocks, bytes_used=cache.bytes_used,
+                    bytes_capacity=cache.capacity_blocks * cache.bytes_per_block, evictions=cache.evictions)
 
     @property
     def alive(self) -> bool:
@@ -790,14 +861,22 @@ class Engine:
     def _step(self) -> None:
         started = time.perf_counter()
         now = time.monotonic()
+        # Cancelled rows go first: their slots free up and their prompt blocks are cached
+        # before this step's admissions look them up (a typing user's new request usually
+        # arrives together with the cancel of the one it replaces).
+        for seq in [s for s in self._scheduler.running if s.handle.cancelled]:
+            self._finish(seq, "abort")
         with self._cond:
             expired, cancelled = self._scheduler.sweep_waiting(now)
-            self._scheduler.admit(now)
+            admitted = self._scheduler.admit(now)
         for seq in expired:
             self._notify("on_reject", "queue_timeout")
             self._finish(seq, "error", error="queue_timeout")
-        for seq in cancelled + [s for s in self._scheduler.running if s.handle.cancelled]:
+        for seq in cancelled:
             self._finish(seq, "abort")
+        for seq in admitted:  # outside the lock: copying cached KV takes a moment
+            self._runner.restore_prefix(seq)
+            self._notify("on_prefix_lookup", len(seq.prompt), seq.num_cached)
         # Decode before prefill: rows already running are not made to wait for new prompts.
         decode_rows = self._scheduler.decode_batch()
         if decode_rows:
@@ -814,10 +893,16 @@ class Engine:
         for seq, n_tokens in plan:
             logits = self._runner.prefill(seq, n_tokens)
             if not seq.prefill_left:
+                self._store_prefix(seq)  # now, not at the end: a request arriving meanwhile can reuse it
                 done.append(seq)
                 done_logits.append(logits)
         if done:
             self._accept_all(done, torch.stack(done_logits))
+
+    def _store_prefix(self, seq: Sequence) -> None:
+        evicted = self._runner.store_prefix(seq)
+        if evicted:
+            self._notify("on_prefix_evict", evicted)
 
     def _accept_all(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         for seq, token in zip(seqs, self._sampler.sample(logits, seqs)):
@@ -848,6 +933,8 @@ class Engine:
             return
         seq.finished = True
         if seq.slot >= 0:
+            if seq.prefill_left and reason != "error":  # cancelled mid-prompt: keep what was computed
+                self._store_prefix(seq)
             self._scheduler.release(seq)
         if reason != "error":
             last_text += seq.detok.flush()

@@ -538,7 +538,7 @@ def test_prefix_reuse_gives_the_same_output(tiny, enc):
     engine.shutdown()
     assert first.cached_tokens == 0 and longer.cached_tokens == 60
     assert again.cached_tokens == 59 and again.token_ids == first.token_ids  # one token is always fed
-    assert longer.token_ids == run(tiny, enc, [base + [13, 14, 15]], params, reuse_prefix=False)[0].token_ids
+    assert longer.token_ids == run(tiny, enc, [base + [13, 14, 15]], params, prefix_cache=False)[0].token_ids
 
 
 def test_engine_thread_is_not_the_callers(tiny, enc):
@@ -579,13 +579,30 @@ def test_suffix_argument_builds_a_fim_prompt(enc):
 
 
 def test_truncation_keeps_the_text_nearest_the_cursor(enc):
+    # Cuts move in steps of truncation_step(budget) tokens (3 for 50, 6 for 100, 4 for 75),
+    # so that the start of the prompt stays put while the user types (prefix caching).
     words = " ".join(f"w{i}" for i in range(300))
     pre, suf = enc.encode_ordinary(words), enc.encode_ordinary(words)
-    assert build_prompt_ids(enc, words, None, 50) == pre[-50:]
+    plain = build_prompt_ids(enc, words, None, 50)
+    assert 50 - 3 < len(plain) <= 50 and plain == pre[-len(plain):] and (len(pre) - len(plain)) % 3 == 0
     ids = build_prompt_ids(enc, words, words, 103, fim_layout="psm")  # both long: suffix gets 1/4
-    assert ids == fim_ids(pre[-75:], suf[:25], "psm") and len(ids) == 103
+    kept = len(ids) - 3 - 25
+    assert ids == fim_ids(pre[-kept:], suf[:25], "psm") and 75 - 4 < kept <= 75
     ids = build_prompt_ids(enc, "x = 1\n", words, 103, fim_layout="psm")  # short prefix: suffix gets the rest
     short = enc.encode_ordinary("x = 1\n")
-    assert ids == fim_ids(short, suf[: 100 - len(short)], "psm")
+    assert ids == fim_ids(short, suf[: (100 - len(short)) // 6 * 6], "psm")
     with pytest.raises(ValueError):
         build_prompt_ids(enc, "a", "b", 3)
+
+
+@pytest.mark.parametrize("layout", ["spm", "psm"])
+def test_truncated_prompts_keep_their_start_while_the_user_types(enc, layout):
+    """Consecutive keystrokes give prompts that begin alike: the cut moves once per step."""
+    text = " ".join(f"w{i}" for i in range(400))
+    suffix = " ".join(f"s{i}" for i in range(100))
+    starts = set()
+    for typed in range(0, 60, 3):
+        ids = build_prompt_ids(enc, text[: 1500 + typed], suffix, 200, fim_layout=layout)
+        assert len(ids) <= 200
+        starts.add(tuple(ids[:120]))
+    assert len(starts) <= 3  # about 20 tokens typed, steps of 9-12 tokens
