@@ -24,19 +24,6 @@ def enc():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """A random model whose weights are large enough that its next token depends on the
-    context (at GPT-2's init scale it mostly echoes the last token, hiding cache bugs)."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128)).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.2)
-    return model
-
-
-@pytest.fixture(scope="module")
 def vocab(enc):
     return Vocabulary(enc, V)
 

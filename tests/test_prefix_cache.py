@@ -31,19 +31,6 @@ def enc():
     return load_tokenizer()
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """Random weights large enough that the next token depends on the whole context (so
-    wrong KV shows up as different tokens), as in test_engine.py."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128)).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, 0.2)
-    return model
-
-
 def tokens(seed: int, n: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(300, 20000) for _ in range(n)]
