@@ -549,12 +549,21 @@ class ModelRunner:
             return 0
         return self.prefix_cache.store(self.cache, seq.slot, seq.prefilled_prompt())
 
-    def prefill(self, seq: Sequence, n_tokens: int) -> torch.Tensor:
-        """Feed the next n_tokens of the prompt; logits (V,) after the last of them."""
-        start = seq.num_cached
-        tokens = torch.tensor(seq.prompt[start : start + n_tokens], dtype=torch.long, device=self.device)
-        logits = self.model.prefill(tokens, self.cache, seq.slot, start)
-        seq.num_cached += n_tokens
+    def prefill(self, plan: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """Feed the next n_tokens of each planned sequence's prompt, all in one model call
+        (many short prompts each in its own call spent most of the time in per-call
+        overhead); logits (n, V) after the last token of each chunk."""
+        tokens = [torch.tensor(seq.prompt[seq.num_cached : seq.num_cached + n], dtype=torch.long,
+                               device=self.device) for seq, n in plan]
+        slots = [seq.slot for seq, _ in plan]
+        starts = [seq.num_cached for seq, _ in plan]
+        if hasattr(self.model, "prefill_batch"):
+            logits = self.model.prefill_batch(tokens, self.cache, slots, starts)
+        else:  # a stand-in model with only the one-sequence call
+            logits = torch.stack([self.model.prefill(t, self.cache, slot, start)
+                                  for t, slot, start in zip(tokens, slots, starts)])
+        for seq, n in plan:
+            seq.num_cached += n
         return logits
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
@@ -889,15 +898,14 @@ class Engine:
 
     def _prefill(self, plan: list[tuple[Sequence, int]]) -> None:
         """Feed this step's prompt chunks; sample the first token of prompts now complete."""
-        done, done_logits = [], []
-        for seq, n_tokens in plan:
-            logits = self._runner.prefill(seq, n_tokens)
-            if not seq.prefill_left:
-                self._store_prefix(seq)  # now, not at the end: a request arriving meanwhile can reuse it
-                done.append(seq)
-                done_logits.append(logits)
+        if not plan:
+            return
+        logits = self._runner.prefill(plan)
+        done = [row for row, (seq, _) in enumerate(plan) if not seq.prefill_left]
+        for row in done:
+            self._store_prefix(plan[row][0])  # now, not at the end: a request arriving meanwhile can reuse it
         if done:
-            self._accept_all(done, torch.stack(done_logits))
+            self._accept_all([plan[row][0] for row in done], logits[done])
 
     def _store_prefix(self, seq: Sequence) -> None:
         evicted = self._runner.store_prefix(seq)
