@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import httpx
 
+from tokenizer import FIM_LAYOUTS
+
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 COMPARISONS = {  # --compare: the baseline's extra serve_api.py arguments, and its max-batch (None: the engine's)
     "max-batch-1": ((), 1),  # the seed's one-request-at-a-time design
@@ -164,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--max-waiting", type=int, help="passed to serve_api.py")
     p.add_argument("--max-queue-wait", type=float, help="passed to serve_api.py")
     p.add_argument("--prefill-chunk", type=int, help="passed to serve_api.py")
-    p.add_argument("--fim-layout", choices=("spm", "psm"), help="passed to serve_api.py (default: its own, spm)")
+    p.add_argument("--fim-layout", choices=FIM_LAYOUTS, help="passed to serve_api.py (default: its own, spm)")
     p.add_argument("--server-arg", action="append", default=[], dest="server_args",
                    help="extra serve_api.py argument (repeatable), e.g. --server-arg=--device=cuda")
     p.add_argument("--model-id", help="model field of requests (default: the server's first /v1/models id)")

@@ -36,7 +36,7 @@ from typing import AsyncIterator
 import torch
 
 from prefix_cache import PrefixCache
-from tokenizer import EOT_ID, FIM_LAYOUTS, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, fim_ids, load_tokenizer
+from tokenizer import DEFAULT_FIM_LAYOUT, EOT_ID, FIM_LAYOUTS, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, fim_ids, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def truncate_fim(prefix: list[int], suffix: list[int], budget: int) -> tuple[lis
 
 
 def build_prompt_ids(enc, prompt: str, suffix: str | None, max_prompt_tokens: int,
-                     fim_layout: str = "spm") -> list[int]:
+                     fim_layout: str = DEFAULT_FIM_LAYOUT) -> list[int]:
     """Token ids for a completion request. User text never yields special tokens except
     through the FIM markers; a FIM prompt (markers, or `suffix` given) uses `fim_layout`."""
     if fim_layout not in FIM_LAYOUTS:
@@ -528,8 +528,7 @@ class ModelRunner:
     def __init__(self, model, config: EngineConfig, max_context: int, device):
         self.model = model
         self.device = device
-        dtype = next(model.parameters()).dtype
-        self.cache = model.allocate_kv_cache(config.max_batch, max_context, dtype, device)
+        self.cache = model.allocate_kv_cache(config.max_batch, max_context, device=device)  # model's dtype
         self.prefix_cache = None
         if config.prefix_cache and self.cache is not None:  # None: a stand-in model without KV
             self.prefix_cache = PrefixCache.sized(self.cache, config.prefix_block_tokens, config.prefix_cache_mb,

@@ -13,6 +13,7 @@ Writes out_dir/eval.json (out_dir = the checkpoint's directory) and prints a tab
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -26,8 +27,8 @@ import torch
 from tqdm import tqdm
 
 from engine import Engine, EngineConfig, SamplingParams, build_prompt_ids
-from model import CheckpointError, GPT, load_checkpoint
-from tokenizer import EOT_ID, FIM_LAYOUTS, TOKENIZER_NAME, TokenizerError, load_tokenizer
+from model import CheckpointError, GPT, evenly_spaced_windows, load_checkpoint, mean_loss
+from tokenizer import DEFAULT_FIM_LAYOUT, EOT_ID, FIM_LAYOUTS, TOKENIZER_NAME, TokenizerError, load_tokenizer
 
 LOSS_BATCH = 8
 METHOD = """\
@@ -203,19 +204,7 @@ def loss_windows(stream: TokenStream, block_size: int, max_tokens: int) -> torch
     length = min(block_size, len(stream.tokens) - 1)
     if length < 1:
         raise EvalError(f"{stream.source}: too few tokens to measure a loss")
-    n = max(1, min(max_tokens // length, (len(stream.tokens) - 1) // length))
-    starts = np.linspace(0, len(stream.tokens) - length - 1, n).astype(np.int64)
-    return torch.from_numpy(np.stack([stream.tokens[s : s + length + 1] for s in starts]).astype(np.int64))
-
-
-@torch.inference_mode()
-def validation_loss(model: GPT, windows: torch.Tensor, device, progress: bool) -> float:
-    total = 0.0
-    for batch in tqdm(windows.split(LOSS_BATCH), desc="val loss", disable=not progress, leave=False):
-        batch = batch.to(device)
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        total += loss.item() * len(batch)
-    return total / len(windows)
+    return evenly_spaced_windows(stream.tokens, length, max_tokens)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -225,7 +214,7 @@ def validation_loss(model: GPT, windows: torch.Tensor, device, progress: bool) -
 class Settings:
     max_new_tokens: int = 48
     max_batch: int = 32
-    fim_layout: str = "spm"
+    fim_layout: str = DEFAULT_FIM_LAYOUT
     latency_samples: int = 8
 
 
@@ -322,7 +311,8 @@ def evaluate_checkpoint(path: str, args, docs_source: dict, device, progress: bo
     line_cases, fim_cases = cases[: args.samples], cases[: args.fim_samples]
     stream = docs_source["stream"] or docs_stream(docs_source["docs"], enc, args.src)
     windows = loss_windows(stream, block_size, args.val_tokens)
-    loss = validation_loss(model, windows, device, progress)
+    bar = functools.partial(tqdm, desc="val loss", leave=False) if progress else None
+    loss = mean_loss(model, windows, device, LOSS_BATCH, bar)
     line_prompt_ids = line_prompts(line_cases, enc, max_prompt, False, settings.fim_layout)
     fim_prompt_ids = line_prompts(fim_cases, enc, max_prompt, True, settings.fim_layout)
     params = greedy_line_params(settings)

@@ -18,6 +18,7 @@ import warnings
 import tempfile
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -308,17 +309,22 @@ class GPT(nn.Module):
 
     # ---- inference (the serving engine's path)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float dtype the model computes in. Read off the final LayerNorm, which stays
+        float in INT8 models too (their linear weights are int8 buffers)."""
+        return self.transformer.ln_f.weight.dtype
+
     def allocate_kv_cache(self, n_slots: int, max_len: int, dtype: torch.dtype | None = None,
                           device=None) -> KVCache:
-        param = self.lm_head.weight
-        dtype = dtype or param.dtype
-        if dtype != param.dtype:
-            raise ValueError(f"KV cache dtype {dtype} differs from the model's parameter dtype {param.dtype}")
+        dtype = dtype or self.dtype
+        if dtype != self.dtype:
+            raise ValueError(f"KV cache dtype {dtype} differs from the model's dtype {self.dtype}")
         if not 0 < max_len <= self.config.block_size:
             raise ValueError(f"max_len {max_len} must be in 1..block_size ({self.config.block_size})")
         cfg = self.config
         shape = (cfg.n_layer, n_slots, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
-        device = device if device is not None else param.device
+        device = device if device is not None else self.transformer.ln_f.weight.device
         return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @torch.inference_mode()
@@ -608,6 +614,29 @@ def _load_int8(path: str, ckpt: dict, device) -> GPT:
     model = model.to(device).to(torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     use_int8_kernel(model, device)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- validation loss
+
+
+def evenly_spaced_windows(tokens: np.ndarray, length: int, max_tokens: int) -> torch.Tensor:
+    """(n, length + 1) windows spread evenly over a token array, n = max_tokens // length (at
+    least 1): a fixed, deterministic sample, so two models are measured on the same tokens."""
+    n = max(1, min(max_tokens // length, (len(tokens) - 1) // length))
+    starts = np.linspace(0, len(tokens) - length - 1, n).astype(np.int64)
+    return torch.from_numpy(np.stack([np.asarray(tokens[s : s + length + 1]) for s in starts]).astype(np.int64))
+
+
+@torch.inference_mode()
+def mean_loss(model: "GPT", windows: torch.Tensor, device, batch_size: int = 8, progress=None) -> float:
+    """Mean cross-entropy (nats/token) of next-token prediction over (n, T + 1) windows.
+    progress: an optional wrapper for the batch iterator (e.g. a tqdm partial)."""
+    batches = windows.split(batch_size)
+    total = 0.0
+    for batch in (progress(batches) if progress else batches):
+        batch = batch.to(device)
+        total += model(batch[:, :-1], batch[:, 1:])[1].item() * len(batch)
+    return total / len(windows)
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from engine import Engine, EngineConfig, SamplingParams
-from model import (CHECKPOINT_FORMAT, INT8_WEIGHT_ONLY, GPT, CheckpointError, load_checkpoint, quantize_int8,
+from model import (CHECKPOINT_FORMAT, INT8_WEIGHT_ONLY, GPT, CheckpointError, evenly_spaced_windows, load_checkpoint, mean_loss, quantize_int8,
                    save_checkpoint)
 from tokenizer import TOKENIZER_NAME, TokenizerError, load_tokenizer
 
@@ -121,19 +121,7 @@ def val_windows(data_dir: str, block_size: int, max_tokens: int) -> torch.Tensor
     data = np.memmap(os.path.join(data_dir, "val.bin"), dtype=np.uint16, mode="r")
     if len(data) <= block_size + 1:
         raise QuantizeError(f"{data_dir}/val.bin holds {len(data)} tokens, fewer than one block")
-    n = max(1, min(max_tokens // block_size, (len(data) - 1) // block_size))
-    starts = np.linspace(0, len(data) - block_size - 1, n).astype(np.int64)
-    return torch.from_numpy(np.stack([data[s : s + block_size + 1] for s in starts]).astype(np.int64))
-
-
-@torch.inference_mode()
-def val_loss(model: GPT, windows: torch.Tensor, device) -> float:
-    """Mean nats per token over the windows (all have block_size targets)."""
-    total = 0.0
-    for batch in windows.split(LOSS_BATCH):
-        batch = batch.to(device)
-        total += model(batch[:, :-1], batch[:, 1:])[1].item() * len(batch)
-    return total / len(windows)
+    return evenly_spaced_windows(data, block_size, max_tokens)
 
 
 def agreement_prompts(windows: torch.Tensor, n: int, max_len: int) -> list[list[int]]:
@@ -213,7 +201,7 @@ def run(args) -> dict:
     block_size = model.config.block_size
     clock = time.perf_counter()
     windows = val_windows(data_dir, block_size, args.val_tokens)
-    before, after = val_loss(model, windows, device), val_loss(int8_model, windows, device)
+    before, after = (mean_loss(m, windows, device, LOSS_BATCH) for m in (model, int8_model))
     timings["val_loss_s"] = time.perf_counter() - clock
 
     clock = time.perf_counter()

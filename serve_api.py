@@ -46,7 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine import (Engine, EngineConfig, EngineDraining, EngineObserver, QueueFull, SamplingParams,
                     StreamEvent, build_prompt_ids)
 from model import CheckpointError, load_checkpoint
-from tokenizer import FIM_LAYOUTS, TOKENIZER_NAME, load_tokenizer
+from tokenizer import DEFAULT_FIM_LAYOUT, FIM_LAYOUTS, TOKENIZER_NAME, load_tokenizer
 
 log = logging.getLogger("serve_api")
 
@@ -90,7 +90,7 @@ class Settings:
     api_keys: tuple[str, ...] = option((), "--api-keys", "API_KEYS",
                                        "comma-separated bearer keys; none: no auth (prefer the env: flags show in ps)")
     model_id: str = option("", "--model-id", "MODEL_ID", f"model name (else the checkpoint's, else {DEFAULT_MODEL_ID})")
-    fim_layout: str = option("spm", "--fim-layout", "FIM_LAYOUT", "FIM layout the model was trained on", FIM_LAYOUTS)
+    fim_layout: str = option(DEFAULT_FIM_LAYOUT, "--fim-layout", "FIM_LAYOUT", "FIM layout the model was trained on", FIM_LAYOUTS)
     prefix_cache: bool = option(True, "--prefix-cache", "PREFIX_CACHE",
                                 "reuse the KV of earlier prompts' beginnings (--no-prefix-cache, PREFIX_CACHE=0: off)")
     prefix_cache_mb: float = option(512.0, "--prefix-cache-mb", "PREFIX_CACHE_MB", "memory bound of the prefix cache (MiB)")
@@ -192,8 +192,7 @@ def load_served_model(settings: Settings) -> ServedModel:
     quantization = ckpt.get("quantization") or "none"
     if quantization == "none":  # a quantized model keeps the float dtype its loader chose for scales
         model = model.to(resolve_dtype(settings.dtype, device))
-    float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    dtype = str(float_dtype).removeprefix("torch.")
+    dtype = str(model.dtype).removeprefix("torch.")
     return ServedModel(model, model_id, device, dtype, quantization, int(time.time()))
 
 

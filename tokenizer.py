@@ -38,6 +38,9 @@ SPECIAL_TOKENS = {
     "<|fim_suffix|>": FIM_SUFFIX_ID,
 }
 FIM_LAYOUTS = ("psm", "spm")
+# Serving and evaluation default: SPM keeps consecutive editor prompts sharing their start
+# (the suffix stays put, the prefix grows at the end), which is what prefix caching reuses.
+DEFAULT_FIM_LAYOUT = "spm"
 
 # Hashes tiktoken pins (tiktoken_ext/openai_public.py) for GPT-2's files and for p50k_base.
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
