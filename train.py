@@ -638,7 +638,6 @@ class Trainer:
 
 
 def main(argv: list[str]) -> int:
-    rt = None
     try:
         cfg = parse_args(argv)
         if cfg.plot_only:
@@ -647,13 +646,15 @@ def main(argv: list[str]) -> int:
         rt = setup_runtime(cfg)
         torch.manual_seed(cfg.seed + rt.rank)  # dropout differs per rank; DDP broadcasts rank 0's init
         Trainer(cfg, rt).run()
+        if rt.ddp:
+            dist.barrier()  # every rank leaves together, after rank 0 has written its files
         return 0
     except (TrainError, CheckpointError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        if rt is not None and rt.ddp and dist.is_initialized():
-            dist.destroy_process_group()
+    # No dist.destroy_process_group(): on CPU/gloo with torch 2.13 it made a rank abort at exit
+    # ("terminate called without an active exception", exit -6) in ~1 of 8 two-process runs on
+    # a loaded machine, even after a barrier; 0 of 16 without it. Process exit releases it.
 
 
 if __name__ == "__main__":
