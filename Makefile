@@ -16,11 +16,11 @@ CONFIG ?= $(shell $(PY) -c "import torch; print('config/train_code_assistant.py'
 TRAIN_ARGS ?=
 TEST_ARGS ?=
 
-.PHONY: install data train plot quantize eval serve bench bench-prefix-cache test clean help bench-data validate-k8s monitoring-e2e container-smoke deploy-checks
+.PHONY: install data train plot quantize eval serve bench bench-prefix-cache test clean help bench-data validate-k8s monitoring-e2e container-smoke deploy-checks gpu-check
 .DEFAULT_GOAL := help
 
 help:
-	@echo "make install | data | train | plot | quantize | eval | serve | bench | bench-data | test | clean"
+	@echo "make install | data | train | plot | quantize | eval | serve | bench | bench-data | gpu-check | test | clean"
 	@echo "  e.g. make data train serve  (CONFIG=config/... TRAIN_ARGS='--max_iters=100' PORT=8001)"
 
 $(STAMP): requirements.txt requirements-dev.txt
@@ -80,6 +80,12 @@ clean:
 
 bench-data: $(STAMP)
 	$(PY) bench_data.py
+
+# Every GPU measurement in one call (bench/gpu-<gpu>-<time>.json). It runs on a GPU machine's
+# own Python (torch with CUDA, transformers), not the CPU virtualenv: PYTHON=... to pick one.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PYTHON) gpu_check.py --data-dir $(DATA_DIR) $(GPU_CHECK_ARGS)
 
 # ---- production files, checked by the real tools (CI runs all three)
 # Offline static checks: k8s schemas (strict, 1.25-1.37), kustomize, CRDs, promtool, hadolint.

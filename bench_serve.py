@@ -59,7 +59,9 @@ PREFIX_METRICS = {  # level field: regex of the server's counter
     "query_tokens": r"\w*prefix_cache_query_tokens_total", "hit_tokens": r"\w*prefix_cache_hit_tokens_total",
     "prefilled_tokens": r"\w*prefill_tokens_total", "evictions": r"\w*prefix_cache_evictions_total",
 }
-PROMPT_POOL_SIZE = 1024  # enough distinct prompts that a prefix cache cannot serve every request
+# Distinct prompts, handed out in turn (never twice until all are used): repeating a prompt
+# would let the prefix cache serve it, which an "independent" workload must not allow.
+PROMPT_POOL_SIZE = 8192
 MAX_BACKOFF_S = 2.0  # cap on a rejected user's Retry-After pause
 LEVEL_GRACE_S = 5.0  # a level's hard deadline: duration + request timeout + this
 FIM_OVERHEAD_TOKENS = 4  # the FIM special tokens a server adds around prefix and suffix
@@ -89,6 +91,7 @@ class Settings:
     prompt_min: int = 128
     prompt_max: int = 512
     max_tokens: int = 48
+    stop: list[str] = field(default_factory=list)  # e.g. ["\n"]: single-line completions, as editors ask
     temperature: float = 0.0
     stream: bool = True
     typing_cps: tuple[float, float] = (5.0, 10.0)
@@ -125,6 +128,14 @@ def pair(text: str) -> tuple[float, float]:
     return low, high
 
 
+def escaped(text: str) -> str:
+    r"""'\n' on a command line -> a newline."""
+    value = text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    if not value:
+        raise argparse.ArgumentTypeError("a stop sequence cannot be empty")
+    return value
+
+
 def level_list(text: str) -> list[int]:
     try:
         levels = sorted({int(x) for x in text.split(",") if x.strip()})
@@ -154,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--prompt-tokens", type=pair, default=(d.prompt_min, d.prompt_max), metavar="MIN,MAX",
                    help="prompt length range in tokens (typing: MAX bounds prefix + suffix)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--stop", action="append", type=escaped, default=[],
+                   help=r"stop sequence of every request (repeatable; escapes allowed: --stop '\n')")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=d.stream)
     p.add_argument("--typing-cps", type=pair, default=d.typing_cps, metavar="LOW,HIGH", help="typing speed, chars/s")
@@ -242,9 +255,11 @@ def prompt_pool(files: list[HeldOutFile], settings: Settings, tokenizer) -> list
     """A fixed pool, drawn with the run's seed, so the engine and the baseline see the same prompts."""
     rng = random.Random(settings.seed)
     pool: list[str] = []
+    seen: set[str] = set()
     for _ in range(PROMPT_POOL_SIZE * 20):
         prompt = cut_prompt(rng.choice(files), rng, rng.randint(settings.prompt_min, settings.prompt_max), tokenizer)
-        if prompt and prompt.strip():
+        if prompt and prompt.strip() and prompt not in seen:
+            seen.add(prompt)
             pool.append(prompt)
             if len(pool) == PROMPT_POOL_SIZE:
                 return pool
@@ -421,6 +436,20 @@ class Level:
     recorder: Recorder
     stop_at: float  # time.monotonic() after which no user starts a request
     tasks: set = field(default_factory=set)  # request tasks of typing users, for the hard deadline
+    prompts: range = range(0)  # this level's share of the independent workload's pool
+    prompts_used: int = 0
+
+    def next_prompt(self, pool: list[str]) -> str:
+        """This level's share of the pool in order: the engine and the baseline get the same
+        prompts, and no prompt is sent twice in a run (the server's prefix cache outlives a
+        level) unless a level uses up its share, which the report counts (repeated_prompts)."""
+        prompt = pool[self.prompts[self.prompts_used % len(self.prompts)]]
+        self.prompts_used += 1
+        return prompt
+
+    @property
+    def repeated_prompts(self) -> int:
+        return max(0, self.prompts_used - len(self.prompts))
 
     def keep_sending(self) -> bool:
         cap = self.settings.requests
@@ -434,7 +463,18 @@ class Level:
             body["stream_options"] = {"include_usage": True}
         if suffix is not None:
             body["suffix"] = suffix
+        if s.stop:
+            body["stop"] = s.stop
         return body
+
+
+def prompt_share(pool_size: int, level_index: int, n_levels: int) -> range:
+    """Pool indices for one level: after the greedy probes' prompts, an equal slice per level."""
+    share = (pool_size - GREEDY_PROBES) // n_levels
+    if share < 1:  # a tiny pool (test data): every level uses all of it
+        return range(pool_size)
+    start = GREEDY_PROBES + level_index * share
+    return range(start, start + share)
 
 
 def user_rng(settings: Settings, user: int) -> random.Random:
@@ -443,9 +483,8 @@ def user_rng(settings: Settings, user: int) -> random.Random:
 
 
 async def closed_loop_user(level: Level, user: int, pool: list[str]) -> None:
-    rng = user_rng(level.settings, user)
     while level.keep_sending():
-        result = await run_request(level.client, level.url, level.payload(rng.choice(pool)), level.recorder)
+        result = await run_request(level.client, level.url, level.payload(level.next_prompt(pool)), level.recorder)
         if result.outcome.startswith("rejected"):
             # As the openai client does: honour Retry-After rather than hammer a full queue, so
             # rejections measure load shed, not the speed of a busy loop.
@@ -732,7 +771,8 @@ def new_client(settings: Settings, users: int) -> httpx.AsyncClient:
                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=users))
 
 
-async def run_level(target: Target, users: int, settings: Settings, workload, progress) -> dict:
+async def run_level(target: Target, users: int, settings: Settings, workload, progress,
+                    prompts: range = range(0)) -> dict:
     recorder = Recorder(settings.request_timeout)
     cancels_before = scrape_counter(target.base_url, settings.cancel_metric, auth_headers(settings))
     prefix_before = scrape_counters(target.base_url, PREFIX_METRICS, auth_headers(settings))
@@ -740,7 +780,7 @@ async def run_level(target: Target, users: int, settings: Settings, workload, pr
     async with new_client(settings, users) as client:
         start = time.monotonic()
         level = Level(settings, f"{target.base_url}/v1/completions", target.model_id, client, recorder,
-                      stop_at=start + settings.duration)
+                      stop_at=start + settings.duration, prompts=prompts)
         user = typing_user if settings.workload == "typing" else closed_loop_user
         user_tasks = [asyncio.create_task(user(level, i, workload)) for i in range(users)]
         ticker = asyncio.create_task(tick(progress, start, settings.duration, recorder))
@@ -758,7 +798,10 @@ async def run_level(target: Target, users: int, settings: Settings, workload, pr
     cancels_after = scrape_counter(target.base_url, settings.cancel_metric, auth_headers(settings))
     server_cancels = None if cancels_before is None or cancels_after is None else cancels_after - cancels_before
     prefix = prefix_cache_figures(prefix_before, scrape_counters(target.base_url, PREFIX_METRICS, auth_headers(settings)))
-    return summarize(users, recorder, elapsed, server_cancels, time.process_time() - cpu_before, prefix)
+    stats = summarize(users, recorder, elapsed, server_cancels, time.process_time() - cpu_before, prefix)
+    if settings.workload != "typing":
+        stats["repeated_prompts"] = level.repeated_prompts
+    return stats
 
 
 async def tick(progress, start: float, duration: float, recorder: Recorder) -> None:
@@ -842,7 +885,8 @@ def run_sweep(target: Target, settings: Settings, workload, progress) -> dict:
         for i, users in enumerate(settings.levels):
             if progress is not None:
                 progress.set_description(f"{target.label} {users} users")
-            stats = await run_level(target, users, settings, workload, progress)
+            share = prompt_share(len(workload), i, len(settings.levels)) if settings.workload != "typing" else range(0)
+            stats = await run_level(target, users, settings, workload, progress, share)
             levels.append(stats)
             if progress is not None:  # a level cut short by --requests still counts in full
                 progress.n = first + (i + 1) * settings.duration

@@ -35,6 +35,7 @@ from typing import AsyncIterator
 
 import torch
 
+from cuda_graphs import DecodeGraphs
 from prefix_cache import PrefixCache
 from tokenizer import DEFAULT_FIM_LAYOUT, EOT_ID, FIM_LAYOUTS, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, fim_ids, load_tokenizer
 
@@ -84,6 +85,10 @@ class EngineConfig:
     prefix_block_tokens: int = 16  # tokens per cached block: a hit covers whole blocks
     prefix_cache_mb: float = 512.0  # memory bound of the block pool (MiB)
     prefix_cache_blocks: int = 0  # 0: as many blocks as prefix_cache_mb holds
+    # CUDA devices only (cuda_graphs.py): decode steps replayed from captured graphs, per
+    # batch bucket and per attention-window bucket of graph_window_step positions.
+    cuda_graphs: bool = True
+    graph_window_step: int = 64
 
 
 class QueueFull(Exception):
@@ -342,13 +347,43 @@ class Detokenizer:
 # ----------------------------------------------------------------------------- requests
 
 
+class EventOutbox:
+    """Stream events on their way to asyncio consumers, handed over once per engine step:
+    one wake-up of each event loop per step, not one per token per request (at 128 streams
+    the per-event wake-ups, each a write to the loop's self-pipe, cost the loop and the
+    engine thread more than the events themselves)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StreamEvent]]] = {}
+
+    def put(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: StreamEvent) -> None:
+        with self._lock:
+            self._pending.setdefault(loop, []).append((queue, event))
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the consumers' loop is closed: nobody is listening
+                pass
+
+
+def _deliver(items: list[tuple[asyncio.Queue, StreamEvent]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
 class RequestHandle:
     """The caller's side of one request. Events come from the engine thread; result()
     blocks a thread, stream() serves an asyncio loop, cancel() works from anywhere."""
 
-    def __init__(self, request_id: str, wake_engine):
+    def __init__(self, request_id: str, wake_engine, outbox: EventOutbox):
         self.request_id = request_id
         self._wake_engine = wake_engine
+        self._outbox = outbox
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._backlog: list[StreamEvent] = []  # events before stream() subscribed
@@ -374,10 +409,19 @@ class RequestHandle:
     async def stream(self) -> AsyncIterator[StreamEvent]:
         """Events until the final one; leaving early (client gone) cancels the request."""
         queue = self._subscribe(asyncio.get_running_loop())
-        finished = False
+        finished, held = False, None
         try:
             while not finished:
-                event = await queue.get()
+                event, held = held or await queue.get(), None
+                # Whatever else is queued joins this event (one yield, not one per token) —
+                # except a failure, which must not swallow the text before it.
+                while event.finish_reason is None and not queue.empty():
+                    later = queue.get_nowait()
+                    if later.finish_reason in ("abort", "error"):
+                        held = later
+                        break
+                    event = StreamEvent(event.text + later.text, later.finish_reason, later.error,
+                                        later.prompt_tokens, later.completion_tokens)
                 finished = event.finish_reason is not None
                 yield event
         finally:
@@ -399,10 +443,7 @@ class RequestHandle:
             if self._loop is None:
                 self._backlog.append(event)
                 return
-            try:
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-            except RuntimeError:  # the consumer's loop is closed: nobody is listening
-                pass
+            self._outbox.put(self._loop, self._queue, event)
 
     def _finish(self, event: StreamEvent, completion: Completion) -> None:
         self._completion = completion
@@ -528,11 +569,24 @@ class ModelRunner:
     def __init__(self, model, config: EngineConfig, max_context: int, device):
         self.model = model
         self.device = device
-        self.cache = model.allocate_kv_cache(config.max_batch, max_context, device=device)  # model's dtype
+        use_graphs = config.cuda_graphs and torch.device(device).type == "cuda"
+        # Graph replays pad the batch with rows that write to one spare slot no request owns.
+        n_slots = config.max_batch + int(use_graphs)
+        self.cache = model.allocate_kv_cache(n_slots, max_context, device=device)  # model's dtype
+        self.graphs = (DecodeGraphs(model, self.cache, config.max_batch, config.graph_window_step)
+                       if use_graphs else None)
         self.prefix_cache = None
         if config.prefix_cache and self.cache is not None:  # None: a stand-in model without KV
             self.prefix_cache = PrefixCache.sized(self.cache, config.prefix_block_tokens, config.prefix_cache_mb,
                                                   config.prefix_cache_blocks)
+
+    def prepare(self) -> None:
+        """Capture every decode graph before the first request (seconds, once), so no user
+        waits for a capture."""
+        if self.graphs is not None:
+            started = time.perf_counter()
+            self.graphs.capture_all()
+            log.info("captured %d decode graphs in %.1f s", self.graphs.num_captured, time.perf_counter() - started)
 
     def restore_prefix(self, seq: Sequence) -> None:
         """Start a newly admitted sequence from the longest cached beginning of its prompt
@@ -567,10 +621,17 @@ class ModelRunner:
 
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """Feed each row's last sampled token at its own position; logits (B, V)."""
-        tokens = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long, device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
-        positions = torch.tensor([s.num_cached for s in seqs], dtype=torch.long, device=self.device)
-        logits = self.model.decode(tokens, self.cache, slots, positions)
+        tokens, slots, positions = ([s.output_ids[-1] for s in seqs], [s.slot for s in seqs],
+                                    [s.num_cached for s in seqs])
+        if self.graphs is not None:
+            logits = self.graphs.decode(tokens, slots, positions)
+        else:
+            as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+            # Known here, so no device sync: the live window, and whether the slots are one
+            # ascending run (then attention reads the cache in place; see Engine._step).
+            in_order = slots == list(range(slots[0], slots[0] + len(slots)))
+            logits = self.model.decode(as_tensor(tokens), self.cache, as_tensor(slots), as_tensor(positions),
+                                       window=max(positions) + 1, first_slot=slots[0] if in_order else None)
         for seq in seqs:
             seq.num_cached += 1
         return logits
@@ -680,6 +741,7 @@ class Engine:
         if config.prefix_block_tokens < 1 or config.prefix_cache_mb < 0 or config.prefix_cache_blocks < 0:
             raise ValueError(f"invalid prefix cache config {config}")
         self._runner = ModelRunner(model, config, self.max_context, self.device)
+        self._outbox = EventOutbox()
         self._scheduler = Scheduler(config)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -800,6 +862,7 @@ class Engine:
         self._notify("on_submit")
         if seq.max_new == 0:  # max_tokens=0: nothing to compute
             self._finish(seq, "length")
+            self._outbox.flush()
         return seq.handle, None
 
     def _admission_check(self) -> str | None:
@@ -828,7 +891,7 @@ class Engine:
             request_id=request_id, prompt=fed, params=params, prompt_tokens=len(prompt),
             max_new=min(params.max_tokens, self.max_context - len(fed)),
             detok=Detokenizer(self._vocab.token_bytes, stop, skip_bytes=len(healed)),
-            handle=RequestHandle(request_id, self._wake), generator=self._generator(params),
+            handle=RequestHandle(request_id, self._wake, self._outbox), generator=self._generator(params),
             heal_remaining=healed, submitted_at=time.monotonic())
 
     @staticmethod
@@ -849,6 +912,8 @@ class Engine:
 
     def _loop(self) -> None:
         try:
+            with torch.inference_mode():
+                self._runner.prepare()
             while not self._stopping:
                 self._heartbeat = time.monotonic()
                 with self._cond:
@@ -858,6 +923,7 @@ class Engine:
                         continue
                 with torch.inference_mode():  # the model's outputs are inference tensors
                     self._step()
+                self._outbox.flush()
                 self._wake()  # wait_idle() and generate() wait for progress
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the clients
             log.exception("engine loop failed; failing all in-flight requests")
@@ -886,7 +952,8 @@ class Engine:
             self._runner.restore_prefix(seq)
             self._notify("on_prefix_lookup", len(seq.prompt), seq.num_cached)
         # Decode before prefill: rows already running are not made to wait for new prompts.
-        decode_rows = self._scheduler.decode_batch()
+        # In slot order: a full batch then reads its KV window in place (ModelRunner.decode).
+        decode_rows = sorted(self._scheduler.decode_batch(), key=lambda seq: seq.slot)
         if decode_rows:
             self._accept_all(decode_rows, self._runner.decode(decode_rows))
         plan = self._scheduler.prefill_plan()
@@ -966,6 +1033,7 @@ class Engine:
                 self._finish(seq, "error", error=error)
             except Exception:  # noqa: BLE001 - keep failing the others
                 log.exception("could not fail request %s", seq.request_id)
+        self._outbox.flush()
         self._wake()
 
     def _notify(self, hook: str, *args) -> None:

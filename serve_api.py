@@ -29,7 +29,7 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, AsyncIterator, Callable, Union
 
 import torch
@@ -82,7 +82,7 @@ class Settings:
     device: str = option("auto", "--device", "DEVICE", "auto | cpu | cuda | cuda:N")
     dtype: str = option("auto", "--dtype", "DTYPE", "auto: bf16 on CUDA, fp32 on CPU",
                         ("auto", "float32", "bfloat16", "float16"))
-    max_batch: int = option(32, "--max-batch", "MAX_BATCH", "sequences decoded together (KV-cache slots)")
+    max_batch: int = option(64, "--max-batch", "MAX_BATCH", "sequences decoded together (KV-cache slots)")
     max_waiting: int = option(256, "--max-waiting", "MAX_WAITING", "queue length beyond which requests get 429")
     max_queue_wait_s: float = option(10.0, "--max-queue-wait", "MAX_QUEUE_WAIT_S", "seconds queued before 503")
     prefill_chunk: int = option(512, "--prefill-chunk", "PREFILL_CHUNK", "prompt tokens prefilled per engine step")
@@ -91,6 +91,10 @@ class Settings:
                                        "comma-separated bearer keys; none: no auth (prefer the env: flags show in ps)")
     model_id: str = option("", "--model-id", "MODEL_ID", f"model name (else the checkpoint's, else {DEFAULT_MODEL_ID})")
     fim_layout: str = option(DEFAULT_FIM_LAYOUT, "--fim-layout", "FIM_LAYOUT", "FIM layout the model was trained on", FIM_LAYOUTS)
+    threads: int = option(0, "--threads", "TORCH_THREADS",
+                          "model threads (0: torch's default, one per core); fewer leave cores to HTTP")
+    cuda_graphs: bool = option(True, "--cuda-graphs", "CUDA_GRAPHS",
+                               "on CUDA, replay decode steps from captured graphs (--no-cuda-graphs: eager)")
     prefix_cache: bool = option(True, "--prefix-cache", "PREFIX_CACHE",
                                 "reuse the KV of earlier prompts' beginnings (--no-prefix-cache, PREFIX_CACHE=0: off)")
     prefix_cache_mb: float = option(512.0, "--prefix-cache-mb", "PREFIX_CACHE_MB", "memory bound of the prefix cache (MiB)")
@@ -138,6 +142,8 @@ def parse_settings(argv: list[str] | None, environ: dict[str, str]) -> Settings:
         parser.error("--max-batch, --prefill-chunk and --max-body-bytes must be >= 1, --max-waiting >= 0")
     if settings.prefix_cache_mb < 0:
         parser.error("--prefix-cache-mb must be >= 0")
+    if settings.threads < 0:
+        parser.error("--threads must be >= 0")
     return settings
 
 
@@ -451,7 +457,8 @@ class Runtime:
         self.metrics = Metrics()
         config = EngineConfig(max_batch=settings.max_batch, max_waiting=settings.max_waiting,
                               max_queue_wait_s=settings.max_queue_wait_s, prefill_chunk=settings.prefill_chunk,
-                              prefix_cache=settings.prefix_cache, prefix_cache_mb=settings.prefix_cache_mb)
+                              prefix_cache=settings.prefix_cache, prefix_cache_mb=settings.prefix_cache_mb,
+                              cuda_graphs=settings.cuda_graphs)
         self.engine = Engine(served.model, config, enc=self.enc, observer=PrometheusObserver(self.metrics),
                              device=served.device)
         self.phase, self.phase_detail = "warming_up", ""
@@ -526,6 +533,20 @@ class Choice:
     params: SamplingParams
 
 
+# Prompts up to this many characters are tokenized on the event loop (~0.3 ms for 8 KB):
+# a hop to a worker thread costs more than that, in wake-ups and GIL hand-overs that the
+# engine thread then waits on. Longer ones (up to the 1 MiB body limit) go to a thread so
+# the loop never stalls on them.
+INLINE_TOKENIZE_CHARS = 8192
+
+
+async def tokenize_prompt(rt: "Runtime", prompt: str, suffix: str | None, budget: int) -> list[int]:
+    args = (rt.enc, prompt, suffix, budget, rt.settings.fim_layout)
+    if len(prompt) + len(suffix or "") <= INLINE_TOKENIZE_CHARS:
+        return build_prompt_ids(*args)
+    return await run_in_threadpool(build_prompt_ids, *args)
+
+
 async def plan_choices(rt: Runtime, prompts: list[str], suffix: str | None, n: int, sampling: dict,
                        param: str = "prompt") -> list[Choice]:
     """Tokenize (off the event loop: a 1 MiB prompt takes a while) and size each choice.
@@ -541,7 +562,7 @@ async def plan_choices(rt: Runtime, prompts: list[str], suffix: str | None, n: i
         if not prompt and not suffix:
             raise invalid(f"{param}: must not be empty", param)
         try:
-            ids = await run_in_threadpool(build_prompt_ids, rt.enc, prompt, suffix, budget, rt.settings.fim_layout)
+            ids = await tokenize_prompt(rt, prompt, suffix, budget)
         except ValueError as exc:
             raise invalid(f"{param}: {exc}", param) from None
         for j in range(n):
@@ -597,6 +618,16 @@ class ChoiceStreams:
         if event.finish_reason is not None:
             self.open.discard(index)
         return index, event
+
+    def ready(self) -> list[tuple[int, StreamEvent]]:
+        """Every event already queued, without waiting."""
+        items = []
+        while self.open and not self.queue.empty():
+            index, event = self.queue.get_nowait()
+            if event.finish_reason is not None:
+                self.open.discard(index)
+            items.append((index, event))
+        return items
 
     def close(self) -> None:
         """Cancel whatever is still generating (client gone, or another choice failed), so
@@ -691,19 +722,28 @@ async def sse_events(reply: Reply, choices: list[Choice], streams: ChoiceStreams
     try:
         item = first
         while item is not None:
-            index, event = item
-            if event.finish_reason in ("abort", "error"):
-                yield sse(engine_failure(event).body())  # the status line is sent; say it in-band
+            # Whatever else is queued goes out in the same write, one chunk per choice: when
+            # the loop falls behind (many streams), clients get fewer, longer chunks instead
+            # of a growing backlog of one-token ones.
+            out, failed = [], None
+            for index, event in coalesce_text([item] + streams.ready()):
+                if event.finish_reason in ("abort", "error"):
+                    failed = event
+                    break
+                text = (prompts[index] if index in pending_echo else "") + event.text
+                pending_echo.discard(index)
+                if text or event.finish_reason:
+                    chunk = reply.envelope([choice_json(index, text, event.finish_reason)])
+                    if include_usage:
+                        chunk["usage"] = None
+                    out.append(sse(chunk))
+                if event.finish_reason:
+                    generated += event.completion_tokens
+            if failed is not None:  # the status line is sent; say it in-band, after the text so far
+                yield "".join(out) + sse(engine_failure(failed).body())
                 break
-            text = (prompts[index] if index in pending_echo else "") + event.text
-            pending_echo.discard(index)
-            if text or event.finish_reason:
-                chunk = reply.envelope([choice_json(index, text, event.finish_reason)])
-                if include_usage:
-                    chunk["usage"] = None
-                yield sse(chunk)
-            if event.finish_reason:
-                generated += event.completion_tokens
+            if out:
+                yield "".join(out)
             item = await streams.next()
         else:
             if include_usage:
@@ -711,6 +751,21 @@ async def sse_events(reply: Reply, choices: list[Choice], streams: ChoiceStreams
         yield sse("[DONE]")
     finally:
         streams.close()
+
+
+def coalesce_text(items: list[tuple[int, StreamEvent]]) -> list[tuple[int, StreamEvent]]:
+    """One event per choice: its texts joined, its last event's finish (in first-seen order).
+    Failures (abort, error) are not merged: they come last, after every choice's text."""
+    merged: dict[int, StreamEvent] = {}
+    failures = []
+    for index, event in items:
+        if event.finish_reason in ("abort", "error"):
+            failures.append((index, event))
+            continue
+        if index in merged:
+            event = replace(event, text=merged[index].text + event.text)
+        merged[index] = event
+    return list(merged.items()) + failures
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -813,7 +868,7 @@ def create_app(settings: Settings, served: ServedModel | None = None) -> FastAPI
 def api_key_guard(rt: Runtime) -> Callable:
     keys = [k.encode() for k in rt.settings.api_keys]
 
-    def require_api_key(request: Request) -> None:
+    async def require_api_key(request: Request) -> None:  # async: FastAPI runs a sync one in a thread
         if not keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -968,6 +1023,8 @@ class DrainingServer(uvicorn.Server):
 def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv, dict(os.environ))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)  # process-wide, so here in main, before the model loads
     try:
         app = create_app(settings)
     except StartupError as exc:

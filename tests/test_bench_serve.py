@@ -167,6 +167,7 @@ def test_sweep_counts_add_up_and_report_is_complete(server, workdir, tmp_path, c
         assert level["latency_ms"]["p50"] <= level["latency_ms"]["p95"] <= level["latency_ms"]["p99"]
         assert level["ttft_ms"]["p50"] <= level["latency_ms"]["p99"]
         assert level["tokens_per_s"] == pytest.approx(level["generated_tokens"] / level["elapsed_s"], rel=0.01)
+        assert level["repeated_prompts"] >= 0
     # The server saw exactly what we say we sent (plus the one preflight request).
     after = scrape(server, "codeassist_http_requests_total", "/v1/completions")
     assert after - before == sum(s["sent"] for s in levels) + 1
@@ -301,3 +302,15 @@ def test_missing_held_out_data_fails_with_one_line(server, tmp_path, capsys):
                                 tmp_path, capsys)
     assert code != 0
     assert_one_line_error(err, "val_docs.jsonl")
+
+
+def test_levels_draw_disjoint_prompts_after_the_probes_and_count_repeats():
+    shares = [bench_serve.prompt_share(8192, i, 5) for i in range(5)]
+    assert shares[0].start == bench_serve.GREEDY_PROBES
+    assert all(a.stop == b.start for a, b in zip(shares, shares[1:]))  # adjacent, never overlapping
+    assert shares[-1].stop <= 8192 and len(set(map(len, shares))) == 1
+    assert bench_serve.prompt_share(10, 3, 5) == range(10)  # a pool too small to split: all of it
+    pool = [f"p{i}" for i in range(20)]
+    level = bench_serve.Level(bench_serve.Settings(), "", "m", None, None, 0.0, prompts=range(14, 17))
+    assert [level.next_prompt(pool) for _ in range(5)] == ["p14", "p15", "p16", "p14", "p15"]
+    assert level.repeated_prompts == 2

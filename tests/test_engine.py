@@ -56,7 +56,7 @@ class FakeModel(torch.nn.Module):
     def prefill(self, tokens, cache, slot, start_pos):
         return self.logits_at(start_pos + len(tokens) - 1).clone()
 
-    def decode(self, tokens, cache, slots, positions):
+    def decode(self, tokens, cache, slots, positions, window=None, first_slot=None):
         time.sleep(self.delay)
         if self.fail_decode:
             raise RuntimeError("simulated device failure")
@@ -593,3 +593,43 @@ def test_truncated_prompts_keep_their_start_while_the_user_types(enc, layout):
         assert len(ids) <= 200
         starts.add(tuple(ids[:120]))
     assert len(starts) <= 3  # about 20 tokens typed, steps of 9-12 tokens
+
+
+def test_outbox_hands_a_steps_events_to_each_loop_in_order_and_only_on_flush():
+    from engine import EventOutbox
+    outbox = EventOutbox()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        first, second = asyncio.Queue(), asyncio.Queue()
+        outbox.put(loop, first, StreamEvent("a"))
+        outbox.put(loop, second, StreamEvent("b"))
+        outbox.put(loop, first, StreamEvent("c", "stop"))
+        await asyncio.sleep(0.05)
+        assert first.empty() and second.empty()  # nothing moves before the step's flush
+        threading.Thread(target=outbox.flush).start()  # the engine thread's side
+        got = [await asyncio.wait_for(first.get(), 5), await asyncio.wait_for(first.get(), 5),
+               await asyncio.wait_for(second.get(), 5)]
+        return [(e.text, e.finish_reason) for e in got]
+
+    assert asyncio.run(scenario()) == [("a", None), ("c", "stop"), ("b", None)]
+    outbox.flush()  # nothing pending: no error
+
+
+def test_stream_joins_queued_pieces_but_never_merges_text_into_a_failure():
+    from engine import EventOutbox, RequestHandle
+    outbox = EventOutbox()
+    handle = RequestHandle("r1", lambda: None, outbox)
+
+    async def consume():
+        stream = handle.stream()
+        first = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0)  # subscribed: pushes now go through the outbox
+        for event in (StreamEvent("a"), StreamEvent("b"), StreamEvent("", "error", error="engine_failed")):
+            handle._push(event)
+        outbox.flush()
+        events = [await asyncio.wait_for(first, 5)]
+        events += [e async for e in stream]
+        return [(e.text, e.finish_reason) for e in events]
+
+    assert asyncio.run(consume()) == [("ab", None), ("", "error")]

@@ -1,0 +1,43 @@
+"""gpu_check.py's plumbing on CPU (--smoke: toy sizes); the measurements themselves need a GPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gpu_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_smoke_run_writes_a_report_with_every_decode_and_reference_field(tmp_path):
+    assert gpu_check.main(["--smoke", "--sections", "decode,hf", "--out-dir", str(tmp_path)]) == 0
+    [report_file] = [f for f in os.listdir(tmp_path) if f.startswith("gpu-cpu-") and f.endswith(".json")]
+    report = json.loads((tmp_path / report_file).read_text())
+    assert report["smoke"] is True and report["gpu"] == "cpu"
+    rows = report["decode"]["rows"]
+    assert [(r["batch"], r["context"]) for r in rows] == [(1, 32), (1, 96), (4, 32), (4, 96)]
+    for row in rows:
+        assert row["eager_ms"] > 0 and row["floor_ms"] > 0
+        assert row["eager_tok_s"] == pytest.approx(row["batch"] * 1000 / row["eager_ms"], rel=1e-3)
+        assert "graphs_ms" not in row  # no graphs without CUDA
+    assert report["decode"]["copy_bandwidth_gb_s"] > 0
+    hf = report["hf_generate"]
+    assert hf["batch"] == 4 and hf["ms_per_step"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_a_gpu_it_says_so_in_one_line_and_exits_non_zero(tmp_path):
+    done = subprocess.run([sys.executable, "gpu_check.py", "--out-dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("gpu_check.py: no CUDA device here: make gpu-check measures a GPU "
+                                   "(--smoke checks the script on CPU)")
+    assert os.listdir(tmp_path) == []
+
+
+def test_unknown_sections_are_refused():
+    with pytest.raises(gpu_check.GpuCheckError, match="unknown sections"):
+        gpu_check.main(["--smoke", "--sections", "decode,warp-drive"])
