@@ -79,6 +79,27 @@ def test_chunked_loss_and_gradients_match_full_cross_entropy(chunk_rows):
     assert hidden.grad[::5].abs().max() == 0  # ignored rows get no gradient
 
 
+def test_chunked_loss_under_bf16_autocast_computes_in_bf16_and_returns_fp32_grads():
+    torch.manual_seed(0)
+    n, c, v = 40, 16, 300
+    hidden = torch.randn(n, c).requires_grad_()
+    weight = (0.3 * torch.randn(v, c)).requires_grad_()
+    targets = torch.randint(0, v, (n,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
+    # The reference: the same matmul in bf16 (what autocast does to a Linear), CE in fp32.
+    h_ref, w_ref = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = F.cross_entropy((h_ref.bfloat16() @ w_ref.bfloat16().t()).float(), targets)
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    fp32 = F.cross_entropy(hidden.detach() @ weight.detach().t(), targets)
+    assert abs(loss.item() - fp32.item()) > 1e-4  # so it really ran in bf16 (here 5e-4 apart)
+    assert (hidden.grad - h_ref.grad).abs().max() < 2e-3
+    assert (weight.grad - w_ref.grad).abs().max() < 2e-3
+
+
 def test_chunked_loss_without_grad_matches_and_model_loss_matches_reference():
     model = tiny_model()
     idx = torch.randint(0, 512, (2, 20))
