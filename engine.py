@@ -501,15 +501,15 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         logits = self._constrain(logits, seqs)
         sampled = [i for i, s in enumerate(seqs) if s.params.temperature > 0]
-        tokens = logits.argmax(dim=-1).tolist() if len(sampled) < len(seqs) else [0] * len(seqs)
+        tokens = (logits.argmax(dim=-1) if len(sampled) < len(seqs)
+                  else torch.zeros(len(seqs), dtype=torch.long, device=logits.device))
         plain = [i for i in sampled if self._is_plain(seqs[i].params)]
         filtered = [i for i in sampled if not self._is_plain(seqs[i].params)]
         for rows in (plain, filtered):
             if rows:
-                picked = self._sample_rows(logits[rows], [seqs[i] for i in rows])
-                for i, token in zip(rows, picked):
-                    tokens[i] = token
-        return tokens
+                index = host_to_device(torch.tensor(rows), logits.device)
+                tokens[index] = self._sample_rows(logits[index], [seqs[i] for i in rows])
+        return tokens.tolist()  # the step's one device-to-host sync
 
     @staticmethod
     def _is_plain(params: SamplingParams) -> bool:
@@ -526,27 +526,36 @@ class Sampler:
                 logits[row, allowed] = kept
         return logits
 
-    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Temperature, then top-k and top-p on the sorted candidates (sorted only when some
         row filters: a full sort of the vocabulary is the expensive part)."""
         device = logits.device
-        temps = torch.tensor([s.params.temperature for s in seqs], device=device)[:, None]
-        uniforms = torch.cat([torch.rand(1, generator=s.generator, dtype=torch.float64) for s in seqs]).to(device)
+        temps = host_to_device(torch.tensor([s.params.temperature for s in seqs]), device)[:, None]
+        uniforms = host_to_device(torch.cat([torch.rand(1, generator=s.generator, dtype=torch.float64)
+                                             for s in seqs]), device)
         if all(self._is_plain(s.params) for s in seqs):
-            return _inverse_cdf(torch.softmax(logits / temps, dim=-1), uniforms).tolist()
+            return _inverse_cdf(torch.softmax(logits / temps, dim=-1), uniforms)
         ks = [s.params.top_k for s in seqs]
         width = logits.shape[-1] if 0 in ks else min(max(ks), logits.shape[-1])
         values, ids = logits.topk(width, dim=-1)  # before temperature, which keeps the order
         values = values / temps
-        row_k = torch.tensor([k or width for k in ks], device=device)
+        row_k = host_to_device(torch.tensor([k or width for k in ks]), device)
         values = values.masked_fill(torch.arange(width, device=device)[None, :] >= row_k[:, None], float("-inf"))
         probs = torch.softmax(values, dim=-1)
-        top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
+        top_p = host_to_device(torch.tensor([s.params.top_p for s in seqs]), device)
         # Keep the smallest head whose mass reaches top_p: drop a token when the mass
         # before it already does (so the most likely token always stays).
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p[:, None], 0.0)
         choice = _inverse_cdf(probs, uniforms)
-        return ids.gather(1, choice[:, None])[:, 0].tolist()
+        return ids.gather(1, choice[:, None])[:, 0]
+
+
+def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on device without a sync: a copy from pageable memory makes the
+    host wait for the GPU's queued work; from pinned memory it is queued behind it."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
