@@ -799,7 +799,7 @@ async def run_level(target: Target, users: int, settings: Settings, workload, pr
     server_cancels = None if cancels_before is None or cancels_after is None else cancels_after - cancels_before
     prefix = prefix_cache_figures(prefix_before, scrape_counters(target.base_url, PREFIX_METRICS, auth_headers(settings)))
     stats = summarize(users, recorder, elapsed, server_cancels, time.process_time() - cpu_before, prefix)
-    if settings.workload != "typing":
+    if prompts:  # the independent workload
         stats["repeated_prompts"] = level.repeated_prompts
     return stats
 

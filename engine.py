@@ -635,11 +635,12 @@ class ModelRunner:
         if self.graphs is not None:
             logits = self.graphs.decode(tokens, slots, positions)
         else:
-            as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
             # Known here, so no device sync: the live window, and whether the slots are one
             # ascending run (then attention reads the cache in place; see Engine._step).
             in_order = slots == list(range(slots[0], slots[0] + len(slots)))
-            logits = self.model.decode(as_tensor(tokens), self.cache, as_tensor(slots), as_tensor(positions),
+            tokens_t, slots_t, positions_t = (torch.tensor(v, dtype=torch.long, device=self.device)
+                                              for v in (tokens, slots, positions))
+            logits = self.model.decode(tokens_t, self.cache, slots_t, positions_t,
                                        window=max(positions) + 1, first_slot=slots[0] if in_order else None)
         for seq in seqs:
             seq.num_cached += 1

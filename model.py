@@ -16,7 +16,7 @@ import math
 import os
 import warnings
 import tempfile
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -684,6 +684,13 @@ def _strip_wrapper_prefixes(state: dict) -> dict:
             key = key.split(".", 1)[1]
         stripped[key] = value
     return stripped
+
+
+def model_checkpoint(model: "GPT", tokenizer: str, **extra) -> dict:
+    """The fields load_checkpoint needs to rebuild a model (format, weights, architecture) and
+    the tokenizer it was trained with, plus extra fields."""
+    return dict(format=CHECKPOINT_FORMAT, model=unwrapped_state_dict(model), model_args=asdict(model.config),
+                tokenizer=tokenizer, **extra)
 
 
 def save_checkpoint(path: str, checkpoint: dict) -> None:

@@ -29,7 +29,7 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, AsyncIterator, Callable, Union
 
 import torch
@@ -533,20 +533,6 @@ class Choice:
     params: SamplingParams
 
 
-# Prompts up to this many characters are tokenized on the event loop (~0.3 ms for 8 KB):
-# a hop to a worker thread costs more than that, in wake-ups and GIL hand-overs that the
-# engine thread then waits on. Longer ones (up to the 1 MiB body limit) go to a thread so
-# the loop never stalls on them.
-INLINE_TOKENIZE_CHARS = 8192
-
-
-async def tokenize_prompt(rt: "Runtime", prompt: str, suffix: str | None, budget: int) -> list[int]:
-    args = (rt.enc, prompt, suffix, budget, rt.settings.fim_layout)
-    if len(prompt) + len(suffix or "") <= INLINE_TOKENIZE_CHARS:
-        return build_prompt_ids(*args)
-    return await run_in_threadpool(build_prompt_ids, *args)
-
-
 async def plan_choices(rt: Runtime, prompts: list[str], suffix: str | None, n: int, sampling: dict,
                        param: str = "prompt") -> list[Choice]:
     """Tokenize (off the event loop: a 1 MiB prompt takes a while) and size each choice.
@@ -562,7 +548,7 @@ async def plan_choices(rt: Runtime, prompts: list[str], suffix: str | None, n: i
         if not prompt and not suffix:
             raise invalid(f"{param}: must not be empty", param)
         try:
-            ids = await tokenize_prompt(rt, prompt, suffix, budget)
+            ids = await run_in_threadpool(build_prompt_ids, rt.enc, prompt, suffix, budget, rt.settings.fim_layout)
         except ValueError as exc:
             raise invalid(f"{param}: {exc}", param) from None
         for j in range(n):
@@ -618,16 +604,6 @@ class ChoiceStreams:
         if event.finish_reason is not None:
             self.open.discard(index)
         return index, event
-
-    def ready(self) -> list[tuple[int, StreamEvent]]:
-        """Every event already queued, without waiting."""
-        items = []
-        while self.open and not self.queue.empty():
-            index, event = self.queue.get_nowait()
-            if event.finish_reason is not None:
-                self.open.discard(index)
-            items.append((index, event))
-        return items
 
     def close(self) -> None:
         """Cancel whatever is still generating (client gone, or another choice failed), so
@@ -722,28 +698,19 @@ async def sse_events(reply: Reply, choices: list[Choice], streams: ChoiceStreams
     try:
         item = first
         while item is not None:
-            # Whatever else is queued goes out in the same write, one chunk per choice: when
-            # the loop falls behind (many streams), clients get fewer, longer chunks instead
-            # of a growing backlog of one-token ones.
-            out, failed = [], None
-            for index, event in coalesce_text([item] + streams.ready()):
-                if event.finish_reason in ("abort", "error"):
-                    failed = event
-                    break
-                text = (prompts[index] if index in pending_echo else "") + event.text
-                pending_echo.discard(index)
-                if text or event.finish_reason:
-                    chunk = reply.envelope([choice_json(index, text, event.finish_reason)])
-                    if include_usage:
-                        chunk["usage"] = None
-                    out.append(sse(chunk))
-                if event.finish_reason:
-                    generated += event.completion_tokens
-            if failed is not None:  # the status line is sent; say it in-band, after the text so far
-                yield "".join(out) + sse(engine_failure(failed).body())
+            index, event = item
+            if event.finish_reason in ("abort", "error"):
+                yield sse(engine_failure(event).body())  # the status line is sent; say it in-band
                 break
-            if out:
-                yield "".join(out)
+            text = (prompts[index] if index in pending_echo else "") + event.text
+            pending_echo.discard(index)
+            if text or event.finish_reason:
+                chunk = reply.envelope([choice_json(index, text, event.finish_reason)])
+                if include_usage:
+                    chunk["usage"] = None
+                yield sse(chunk)
+            if event.finish_reason:
+                generated += event.completion_tokens
             item = await streams.next()
         else:
             if include_usage:
@@ -751,21 +718,6 @@ async def sse_events(reply: Reply, choices: list[Choice], streams: ChoiceStreams
         yield sse("[DONE]")
     finally:
         streams.close()
-
-
-def coalesce_text(items: list[tuple[int, StreamEvent]]) -> list[tuple[int, StreamEvent]]:
-    """One event per choice: its texts joined, its last event's finish (in first-seen order).
-    Failures (abort, error) are not merged: they come last, after every choice's text."""
-    merged: dict[int, StreamEvent] = {}
-    failures = []
-    for index, event in items:
-        if event.finish_reason in ("abort", "error"):
-            failures.append((index, event))
-            continue
-        if index in merged:
-            event = replace(event, text=merged[index].text + event.text)
-        merged[index] = event
-    return list(merged.items()) + failures
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -40,8 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import (CHECKPOINT_FORMAT, GPT, CheckpointError, GPTConfig, load_checkpoint,
-                   save_checkpoint, unwrapped_state_dict)
+from model import GPT, CheckpointError, GPTConfig, load_checkpoint, model_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -514,9 +513,8 @@ class Trainer:
         if not self.rt.master:
             return
         cfg = self.cfg
-        common = dict(format=CHECKPOINT_FORMAT, model=unwrapped_state_dict(self.raw_model),
-                      model_args=asdict(self.raw_model.config), config=asdict(cfg), tokenizer=self.meta["tokenizer"],
-                      dataset=cfg.dataset, dataset_fingerprint=self.meta.get("fingerprint"), iter_num=self.iter_num)
+        common = model_checkpoint(self.raw_model, self.meta["tokenizer"], config=asdict(cfg), dataset=cfg.dataset,
+                                  dataset_fingerprint=self.meta.get("fingerprint"), iter_num=self.iter_num)
         save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), dict(
             common, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(), rng=rng,
             best_val_loss=self.best_val, elapsed_s=elapsed, last_eval_iter=self.last_eval,

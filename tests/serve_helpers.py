@@ -11,14 +11,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import httpx
 import torch
 import uvicorn
 
 import serve_api
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig, save_checkpoint
+from model import GPT, GPTConfig, model_checkpoint, save_checkpoint
+from tokenizer import TOKENIZER_NAME
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER_SCRIPT = os.path.join(REPO, "serve_api.py")
@@ -28,8 +29,7 @@ def write_tiny_checkpoint(path, block_size: int = 128, seed: int = 0) -> str:
     """A random 2x64 model in the training script's checkpoint layout."""
     torch.manual_seed(seed)
     config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=block_size)
-    save_checkpoint(str(path), dict(format=CHECKPOINT_FORMAT, model=GPT(config).state_dict(),
-                                    model_args=asdict(config), tokenizer="p50k_edit"))
+    save_checkpoint(str(path), model_checkpoint(GPT(config), TOKENIZER_NAME))
     return str(path)
 
 

@@ -9,16 +9,14 @@ import re
 import socket
 import sysconfig
 import threading
-from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
 import pytest
-import torch
 
 import bench_serve
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig, save_checkpoint
+from serve_helpers import write_tiny_checkpoint
 from tokenizer import load_tokenizer
 
 STDLIB_FILES = ("textwrap.py", "shlex.py", "bisect.py", "fnmatch.py", "colorsys.py", "queue.py")
@@ -28,14 +26,6 @@ LEVEL_FIELDS = {"users", "elapsed_s", "sent", "ok", "errors", "rejected", "rejec
                 "not_ok_details"}
 SMALL_LOAD = ["--prompt-tokens", "16,48", "--max-tokens", "8", "--no-progress"]
 MAX_BATCH, MAX_WAITING = 4, 4
-
-
-def write_tiny_checkpoint(path) -> str:
-    torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128)
-    save_checkpoint(str(path), dict(format=CHECKPOINT_FORMAT, model=GPT(config).state_dict(),
-                                    model_args=asdict(config), tokenizer="p50k_edit"))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ the CLI end to end on a tiny random model."""
 import json
 import math
 import os
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -14,8 +13,8 @@ import torch.nn.functional as F
 import evaluate
 from evaluate import (Document, edit_similarity, exact_match, levenshtein, line_prompts, line_starts,
                       make_case, sample_cases)
-from model import CHECKPOINT_FORMAT, GPT, GPTConfig, load_checkpoint, quantize_int8, save_checkpoint
-from tokenizer import EOT_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, load_tokenizer
+from model import GPT, GPTConfig, load_checkpoint, model_checkpoint, quantize_int8, save_checkpoint
+from tokenizer import EOT_ID, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, TOKENIZER_NAME, load_tokenizer
 
 SOURCE = '''import os
 
@@ -127,8 +126,8 @@ def tiny_run(tmp_path_factory):
     write_dataset(root / "data" / "tiny", docs)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128)).eval()
-    ckpt = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_args": asdict(model.config),
-            "tokenizer": "p50k_edit", "dataset": "tiny", "config": {"dataset": "tiny", "data_dir": str(root / "data")}}
+    ckpt = model_checkpoint(model, TOKENIZER_NAME, dataset="tiny",
+                            config={"dataset": "tiny", "data_dir": str(root / "data")})
     save_checkpoint(str(root / "best.pt"), ckpt)
     int8 = quantize_int8(model)
     save_checkpoint(str(root / "int8.pt"), {**ckpt, "model": int8.state_dict(), "quantization": "int8-weight-only"})

@@ -464,15 +464,3 @@ def test_settings_from_flags_and_environment():
         with pytest.raises(SystemExit):
             serve_api.parse_settings([], bad)
 
-
-def test_coalesce_text_joins_each_choices_queued_pieces_and_keeps_its_finish():
-    from engine import StreamEvent
-    events = [(0, StreamEvent("de")), (1, StreamEvent("x")), (0, StreamEvent("f ")),
-              (0, StreamEvent("", "stop", completion_tokens=3)), (1, StreamEvent("y"))]
-    merged = serve_api.coalesce_text(events)
-    assert [(i, e.text, e.finish_reason, e.completion_tokens) for i, e in merged] == [
-        (0, "def ", "stop", 3), (1, "xy", None, 0)]
-    assert serve_api.coalesce_text([]) == []
-    failed = serve_api.coalesce_text([(0, StreamEvent("a")), (0, StreamEvent("", "error", error="engine_failed")),
-                                      (1, StreamEvent("b"))])
-    assert [(i, e.text, e.finish_reason) for i, e in failed] == [(0, "a", None), (1, "b", None), (0, "", "error")]
