@@ -52,6 +52,7 @@ REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 COMPARISONS = {  # --compare: the baseline's extra serve_api.py arguments, and its max-batch (None: the engine's)
     "max-batch-1": ((), 1),  # the seed's one-request-at-a-time design
     "prefix-cache": (("--no-prefix-cache",), None),  # the same server without prefix caching
+    "engine-thread": (("--no-engine-process",), None),  # the engine in the HTTP process (a thread), sharing its GIL
 }
 GREEDY_PROBES = 12  # prompts sent to both servers at temperature 0 to compare their completions
 PREFIX_METRICS = {  # level field: regex of the server's counter
@@ -965,7 +966,7 @@ def print_table(report: dict) -> None:
                   f"{fmt(ttft['p50'], 8)}{fmt(ttft['p95'], 8)}")
     print_prefix_cache(report)
     if report["ratios"]:
-        baseline = {"max-batch-1": "max-batch 1", "prefix-cache": "no prefix cache"}[report["settings"]["compare"]]
+        baseline = {"max-batch-1": "max-batch 1", "prefix-cache": "no prefix cache", "engine-thread": "engine thread"}[report["settings"]["compare"]]
         print(f"\nengine vs baseline ({baseline}), same workload:")
         for r in report["ratios"]:
             fewer = (f", {fmt(r['prefill_tokens_x'], 0, 1).strip()}x fewer prompt tokens prefilled per request"

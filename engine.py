@@ -139,6 +139,18 @@ class EngineObserver:
     def on_prefix_evict(self, blocks: int): ...
 
 
+def check_request(prompt: list[int], params: SamplingParams, max_context: int, vocab_size: int) -> None:
+    """ValueError naming what is wrong with a request, before it is queued anywhere."""
+    params.validate()
+    if not prompt:
+        raise ValueError("prompt is empty: nothing to complete")
+    if len(prompt) >= max_context:
+        raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_context {max_context} "
+                         f"(at most {max_context - 1})")
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise ValueError(f"prompt token ids must be in 0..{vocab_size - 1}")
+
+
 # ----------------------------------------------------------------------------- prompts
 
 _FIM_MARKER = re.compile(r"<(fim_(?:prefix|suffix|middle))>|<\|(fim_(?:prefix|suffix|middle))\|>")
@@ -438,16 +450,25 @@ class RequestHandle:
             self._backlog = []
             return self._queue
 
-    def _push(self, event: StreamEvent) -> None:
+    def take_events(self) -> list[StreamEvent]:
+        """For a consumer that polls instead of streaming (the engine process forwards
+        events this way): the events so far, oldest first, each returned once."""
+        with self._lock:
+            events, self._backlog = self._backlog, []
+            return events
+
+    # The producer's side: the engine loop, or engine_process.py's receiver in the HTTP process.
+
+    def deliver(self, event: StreamEvent) -> None:
         with self._lock:
             if self._loop is None:
                 self._backlog.append(event)
                 return
             self._outbox.put(self._loop, self._queue, event)
 
-    def _finish(self, event: StreamEvent, completion: Completion) -> None:
+    def complete(self, event: StreamEvent, completion: Completion) -> None:
         self._completion = completion
-        self._push(event)
+        self.deliver(event)
         self._done.set()
 
 
@@ -763,6 +784,11 @@ class Engine:
     # ---- state for health and metrics
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may use: the tokenizer's, not the model's padded rows."""
+        return self._vocab.size
+
+    @property
     def num_running(self) -> int:
         return len(self._scheduler.running)
 
@@ -885,14 +911,7 @@ class Engine:
         return None
 
     def _new_sequence(self, prompt: list[int], params: SamplingParams) -> Sequence:
-        params.validate()
-        if not prompt:
-            raise ValueError("prompt is empty: nothing to complete")
-        if len(prompt) >= self.max_context:
-            raise ValueError(f"prompt of {len(prompt)} tokens does not fit max_context {self.max_context} "
-                             f"(at most {self.max_context - 1})")
-        if min(prompt) < 0 or max(prompt) >= self._vocab.size:
-            raise ValueError(f"prompt token ids must be in 0..{self._vocab.size - 1}")
+        check_request(prompt, params, self.max_context, self._vocab.size)
         healed = self._healer.backoff(prompt) if params.heal else b""
         fed = prompt[:-1] if healed else prompt
         stop = (params.stop,) if isinstance(params.stop, str) else tuple(params.stop)
@@ -920,10 +939,31 @@ class Engine:
 
     # ---- the loop
 
+    # ---- the loop: run by start()'s thread, or driven step by step by engine_process.py
+
+    @property
+    def idle(self) -> bool:
+        return self._is_idle()
+
+    def prepare(self) -> None:
+        """Before the first step: whatever the model runner sets up once (CUDA graphs)."""
+        with torch.inference_mode():
+            self._runner.prepare()
+
+    def step(self) -> None:
+        """One step (admit, decode, prefill), then its events go out."""
+        with torch.inference_mode():  # the model's outputs are inference tensors
+            self._step()
+        self._outbox.flush()
+
+    def fail(self, exc: BaseException) -> None:
+        """The loop cannot go on: refuse new work and fail every request in flight."""
+        self._failure = exc
+        self._finish_everything("engine_failed")
+
     def _loop(self) -> None:
         try:
-            with torch.inference_mode():
-                self._runner.prepare()
+            self.prepare()
             while not self._stopping:
                 self._heartbeat = time.monotonic()
                 with self._cond:
@@ -931,14 +971,11 @@ class Engine:
                         self._cond.notify_all()  # wake wait_idle()
                         self._cond.wait(IDLE_WAIT_S)
                         continue
-                with torch.inference_mode():  # the model's outputs are inference tensors
-                    self._step()
-                self._outbox.flush()
+                self.step()
                 self._wake()  # wait_idle() and generate() wait for progress
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the clients
             log.exception("engine loop failed; failing all in-flight requests")
-            self._failure = exc
-            self._finish_everything("engine_failed")
+            self.fail(exc)
         else:
             self._finish_everything("engine_stopped")
 
@@ -1009,7 +1046,7 @@ class Engine:
             self._finish(seq, "length", piece)
         elif piece:
             seq.text_parts.append(piece)
-            seq.handle._push(StreamEvent(piece))
+            seq.handle.deliver(StreamEvent(piece))
 
     def _finish(self, seq: Sequence, reason: str, last_text: str = "", error: str | None = None) -> None:
         """Release the slot, send the final event, complete the handle. Idempotent."""
@@ -1031,7 +1068,7 @@ class Engine:
             ttft_s=(seq.first_token_at - seq.submitted_at) if seq.first_token_at is not None else 0.0,
             latency_s=now - seq.submitted_at, cached_tokens=seq.reused_tokens)
         event = StreamEvent(last_text, reason, error, completion.prompt_tokens, completion.completion_tokens)
-        seq.handle._finish(event, completion)
+        seq.handle.complete(event, completion)
         self._notify("on_finish", completion)
 
     def _finish_everything(self, error: str) -> None:

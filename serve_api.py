@@ -1,6 +1,7 @@
 """HTTP front end of the code assistant: validation, OpenAI shapes, streaming, auth, errors,
-health, metrics. The model math, batching and sampling live in engine.py; this file only
-translates HTTP into engine requests and engine events back into HTTP.
+health, metrics. The model math, batching and sampling live in engine.py, which runs in a
+process of its own (engine_process.py); this file only translates HTTP into engine requests
+and engine events back into HTTP.
 
 Endpoints: POST /complete (the seed's contract), POST /v1/completions (OpenAI legacy
 Completions, what editor plugins speak), GET /v1/models, GET /health (liveness), GET /ready
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -45,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import (Engine, EngineConfig, EngineDraining, EngineObserver, QueueFull, SamplingParams,
                     StreamEvent, build_prompt_ids)
+from engine_process import EngineProcess
 from model import CheckpointError, load_checkpoint
 from tokenizer import DEFAULT_FIM_LAYOUT, FIM_LAYOUTS, TOKENIZER_NAME, load_tokenizer
 
@@ -93,6 +96,9 @@ class Settings:
     fim_layout: str = option(DEFAULT_FIM_LAYOUT, "--fim-layout", "FIM_LAYOUT", "FIM layout the model was trained on", FIM_LAYOUTS)
     threads: int = option(0, "--threads", "TORCH_THREADS",
                           "model threads (0: torch's default, one per core); fewer leave cores to HTTP")
+    engine_process: bool = option(True, "--engine-process", "ENGINE_PROCESS",
+                                  "run the model in its own process, off the HTTP process's GIL "
+                                  "(--no-engine-process: a thread of this process)")
     cuda_graphs: bool = option(True, "--cuda-graphs", "CUDA_GRAPHS",
                                "on CUDA, replay decode steps from captured graphs (--no-cuda-graphs: eager)")
     prefix_cache: bool = option(True, "--prefix-cache", "PREFIX_CACHE",
@@ -447,27 +453,38 @@ def text_prompts(prompt: Any) -> list[str]:
 # ----------------------------------------------------------------------------- runtime state
 
 
+def start_engine(settings: Settings, observer: EngineObserver, enc) -> tuple[Engine | EngineProcess, ServedModel]:
+    """The engine (its own process by default; engine_process.py says why) and what it serves.
+    StartupError when the model cannot be served."""
+    config = EngineConfig(max_batch=settings.max_batch, max_waiting=settings.max_waiting,
+                          max_queue_wait_s=settings.max_queue_wait_s, prefill_chunk=settings.prefill_chunk,
+                          prefix_cache=settings.prefix_cache, prefix_cache_mb=settings.prefix_cache_mb,
+                          cuda_graphs=settings.cuda_graphs)
+    if settings.engine_process:
+        engine = EngineProcess(functools.partial(load_served_model, settings), config, observer,
+                               threads=settings.threads, log_level=settings.log_level)
+        return engine, engine.served
+    served = load_served_model(settings)
+    return Engine(served.model, config, enc=enc, observer=observer, device=served.device), served
+
+
+
 class Runtime:
     """What one app owns: settings, model, tokenizer, engine, metrics, and its lifecycle
     (warming_up -> ready | warmup_failed; any -> draining -> stopped)."""
 
-    def __init__(self, settings: Settings, served: ServedModel):
-        self.settings, self.served = settings, served
+    def __init__(self, settings: Settings):
+        self.settings = settings
         self.enc = load_tokenizer()
         self.metrics = Metrics()
-        config = EngineConfig(max_batch=settings.max_batch, max_waiting=settings.max_waiting,
-                              max_queue_wait_s=settings.max_queue_wait_s, prefill_chunk=settings.prefill_chunk,
-                              prefix_cache=settings.prefix_cache, prefix_cache_mb=settings.prefix_cache_mb,
-                              cuda_graphs=settings.cuda_graphs)
-        self.engine = Engine(served.model, config, enc=self.enc, observer=PrometheusObserver(self.metrics),
-                             device=served.device)
+        self.engine, self.served = start_engine(settings, PrometheusObserver(self.metrics), self.enc)
         self.phase, self.phase_detail = "warming_up", ""
         self.metrics.bind(self)
 
     def liveness(self) -> str | None:
         """None when healthy, else why not. Cheap: reads engine state only."""
         if not self.engine.alive:
-            return "engine thread is not running"
+            return "the engine is not running"
         age = self.engine.seconds_since_heartbeat
         if age > self.settings.heartbeat_timeout_s:
             return f"engine loop silent for {age:.1f} s"
@@ -792,10 +809,10 @@ class RequestMetricsMiddleware:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(settings: Settings, served: ServedModel | None = None) -> FastAPI:
-    """The app and everything it owns. Loads the model unless given one (StartupError if
-    unusable); the engine thread starts in the lifespan, warm-up runs in the background."""
-    rt = Runtime(settings, served or load_served_model(settings))
+def create_app(settings: Settings) -> FastAPI:
+    """The app and everything it owns. Loads the model (StartupError if unusable); the engine
+    loop starts in the lifespan, warm-up runs in the background."""
+    rt = Runtime(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):

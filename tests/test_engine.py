@@ -626,7 +626,7 @@ def test_stream_joins_queued_pieces_but_never_merges_text_into_a_failure():
         first = asyncio.ensure_future(stream.__anext__())
         await asyncio.sleep(0)  # subscribed: pushes now go through the outbox
         for event in (StreamEvent("a"), StreamEvent("b"), StreamEvent("", "error", error="engine_failed")):
-            handle._push(event)
+            handle.deliver(event)
         outbox.flush()
         events = [await asyncio.wait_for(first, 5)]
         events += [e async for e in stream]

@@ -39,8 +39,9 @@ needs_browser = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.pt", block_size=256)
-    # A short drain: a request the browser left streaming must not hold up the teardown.
-    with thread_server(ckpt, api_keys=(KEY,), max_batch=2, drain_timeout_s=2.0) as srv:
+    # A short drain: a request the browser left streaming must not hold up the teardown. The
+    # engine runs as a thread here, not a process, so that slow_decode can reach its model.
+    with thread_server(ckpt, api_keys=(KEY,), max_batch=2, drain_timeout_s=2.0, engine_process=False) as srv:
         yield srv
 
 

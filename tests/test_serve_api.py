@@ -441,6 +441,19 @@ def test_drain_timeout_aborts_what_is_left_with_an_in_band_error(checkpoints):
     assert elapsed < 1.5  # the bound held: the stream did not run to its 1000 tokens
 
 
+def test_a_dead_engine_process_fails_health_and_requests_but_not_the_server(checkpoints):
+    with thread_server(checkpoints["small"]) as srv:
+        process = srv.runtime.engine._process
+        assert process.pid != os.getpid() and process.is_alive()  # the model runs in its own process
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(10)
+        health = httpx.get(srv.url + "/health", timeout=5)
+        late = post(srv, {**GREEDY, "max_tokens": 2})
+        assert health.status_code == 503 and "engine" in health.json()["reason"]
+        assert_error_shape(late, 503, code="engine_failed")
+        assert httpx.get(srv.url + "/metrics", timeout=5).status_code == 200
+
+
 def test_bad_checkpoint_exits_with_one_line_naming_the_make_target(tmp_path):
     missing = subprocess.run([sys.executable, SERVER_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=60,
                              env={**os.environ, "MODEL_PATH": str(tmp_path / "none" / "best.pt")})
@@ -455,9 +468,11 @@ def test_bad_checkpoint_exits_with_one_line_naming_the_make_target(tmp_path):
 
 
 def test_settings_from_flags_and_environment():
-    env = {"PORT": "9001", "API_KEYS": "a, b,", "MAX_BATCH": "4", "MODEL_ID": "mine", "DTYPE": "bfloat16"}
+    env = {"PORT": "9001", "API_KEYS": "a, b,", "MAX_BATCH": "4", "MODEL_ID": "mine", "DTYPE": "bfloat16",
+           "ENGINE_PROCESS": "0"}
     s = serve_api.parse_settings(["--port", "9002", "--drain-timeout", "3"], env)
     assert (s.port, s.api_keys, s.max_batch, s.model_id) == (9002, ("a", "b"), 4, "mine")
+    assert not s.engine_process and serve_api.parse_settings([], {}).engine_process
     assert (s.dtype, s.drain_timeout_s, s.host) == ("bfloat16", 3.0, "127.0.0.1")
     assert serve_api.parse_settings([], {}).port == 8000
     for bad in ({"PORT": "eighty"}, {"DTYPE": "int3"}):
