@@ -656,13 +656,14 @@ class ModelRunner:
         if self.graphs is not None:
             logits = self.graphs.decode(tokens, slots, positions)
         else:
-            # Known here, so no device sync: the live window, and whether the slots are one
-            # ascending run (then attention reads the cache in place; see Engine._step).
-            in_order = slots == list(range(slots[0], slots[0] + len(slots)))
+            # Known here, so no device sync: the live window, and the run of cache rows the
+            # (ascending: see Engine._step) slots lie in. Attention reads that run in place
+            # unless it is over twice the batch: then gathering the rows' windows reads less.
             tokens_t, slots_t, positions_t = (torch.tensor(v, dtype=torch.long, device=self.device)
                                               for v in (tokens, slots, positions))
-            logits = self.model.decode(tokens_t, self.cache, slots_t, positions_t,
-                                       window=max(positions) + 1, first_slot=slots[0] if in_order else None)
+            run = (slots[0], slots[-1] + 1)
+            logits = self.model.decode(tokens_t, self.cache, slots_t, positions_t, window=max(positions) + 1,
+                                       slot_range=run if run[1] - run[0] <= 2 * len(slots) else None)
         for seq in seqs:
             seq.num_cached += 1
         return logits

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from engine import Engine, EngineConfig, SamplingParams, build_prompt_ids
-from model import CheckpointError, GPT, evenly_spaced_windows, load_checkpoint, mean_loss
+from model import CheckpointError, GPT, evenly_spaced_windows, load_checkpoint, mean_loss, resolve_output_dtype
 from tokenizer import DEFAULT_FIM_LAYOUT, EOT_ID, FIM_LAYOUTS, TOKENIZER_NAME, TokenizerError, load_tokenizer
 
 LOSS_BATCH = 8
@@ -300,6 +300,7 @@ def evaluate_checkpoint(path: str, args, docs_source: dict, device, progress: bo
     model, ckpt = load_checkpoint(path, device)
     if ckpt.get("tokenizer", TOKENIZER_NAME) != TOKENIZER_NAME:
         raise EvalError(f"{path}: tokenizer {ckpt['tokenizer']!r}, this code speaks {TOKENIZER_NAME!r}")
+    model.set_output_dtype(resolve_output_dtype(args.output_dtype, model, device))  # as serve_api.py serves it
     enc = load_tokenizer()
     settings = Settings(args.max_new_tokens, args.batch, args.fim_layout, args.latency_samples)
     block_size = model.config.block_size
@@ -319,6 +320,7 @@ def evaluate_checkpoint(path: str, args, docs_source: dict, device, progress: bo
     result = dict(
         checkpoint=path, quantization=ckpt.get("quantization") or "none", device=str(device),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."), model_args=ckpt["model_args"],
+        output_dtype=model.output_dtype_name,
         val=dict(loss=loss, bpc=loss * stream.tokens_per_char / math.log(2), tokens=int(windows[:, 1:].numel()),
                  tokens_per_char=stream.tokens_per_char, source=stream.source),
         latency=measure_latency(model, enc, device, line_prompt_ids, params, settings),
@@ -429,6 +431,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="report JSON (default: eval.json beside --ckpt)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--output-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="output layer of the generation runs, as serve_api.py --output-dtype (the loss is "
+                        "always computed in the weights' dtype)")
     p.add_argument("--val-tokens", type=int, default=32768, help="tokens for the loss (default 32768)")
     p.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens)
     p.add_argument("--batch", type=int, default=Settings.max_batch, help="engine max_batch for the batched runs")

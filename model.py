@@ -84,22 +84,20 @@ class KVCache:
         self.k[layer][slots, :, positions] = k
         self.v[layer][slots, :, positions] = v
 
-    def window(self, layer: int, slots: torch.Tensor, length: int,
-               first_slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions 0..length-1 of the given slots, (B, n_head, length, head_dim).
+    def window(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0..length-1 of the given slots, (B, n_head, length, head_dim): a copy.
 
         Only the live window is read: at large batch the KV reads, not the weights,
         dominate a decode step, so reading the whole allocated max_len would waste most
-        of the step on empty positions. When the caller knows the slots are the range
-        first_slot, first_slot+1, ... (a full batch, sorted), the window is a view, not a
-        copy: gathering it cost 2/3 of the attention time (64 rows x 200 positions, CPU).
+        of the step on empty positions.
         """
-        if first_slot is not None:
-            rows = slice(first_slot, first_slot + slots.shape[0])
-            return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
         # index_select: 2-5x faster than advanced indexing on this strided view (CPU).
         return (self.k[layer, :, :, :length].index_select(0, slots),
                 self.v[layer, :, :, :length].index_select(0, slots))
+
+    def run_window(self, layer: int, rows: slice, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions 0..length-1 of the consecutive slots `rows`: a view, no copy."""
+        return self.k[layer, rows, :, :length], self.v[layer, rows, :, :length]
 
     @torch.inference_mode()
     def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
@@ -258,6 +256,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Tied: one matrix embeds tokens and scores them, saving vocab*n_embd parameters.
         self.transformer.wte.weight = self.lm_head.weight
+        # The inference paths' output-layer dtype when it should differ from the weights'
+        # (set_output_dtype); training and forward() always use the weights as they are.
+        self.output_dtype: torch.dtype | None = None
+        self._output_weight, self._output_weight_key = None, None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -410,7 +412,7 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
-               window: int | None = None, first_slot: int | None = None) -> torch.Tensor:
+               window: int | None = None, slot_range: tuple[int, int] | None = None) -> torch.Tensor:
         """One new token per row: row i is tokens[i] at position positions[i] of slot slots[i].
         Rows may be at different positions. Returns float32 logits (B, V).
 
@@ -418,8 +420,11 @@ class GPT(nn.Module):
         the live part, max(positions) + 1, at the cost of one host sync; a caller that knows
         the positions on the host passes it (any window > max(positions) gives the same
         result), which keeps the call free of syncs, as CUDA-graph capture requires.
-        first_slot, when given, says that slots are first_slot, first_slot+1, ... in order
-        (the caller checked), so attention reads the cache in place instead of a gathered copy.
+        slot_range=(lo, hi), when given, says that slots are ascending and all in lo..hi-1
+        (the caller checked): attention then reads those cache rows in place instead of
+        gathering a copy of each row's window (the copy cost 2/3 of the attention time at 64
+        rows x 200 positions, CPU). Rows of the run not in the batch get a dummy query whose
+        output is dropped, so a run much wider than the batch costs more than the copy.
         """
         if window is None:
             window = int(positions.max()) + 1
@@ -427,18 +432,49 @@ class GPT(nn.Module):
                 raise ValueError(f"decode positions must be in 0..{cache.max_len - 1}")
         if not 0 < window <= cache.max_len:
             raise ValueError(f"decode window {window} outside 1..{cache.max_len}")
-        # (B, 1, 1, window): each row sees its own slot's positions 0..positions[i] only.
-        mask = (torch.arange(window, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        rows, offsets, row_positions = None, None, positions
+        if slot_range is not None:
+            rows = slice(*slot_range)
+            if slot_range[1] - slot_range[0] != slots.shape[0]:  # gaps: the batch is a subset of the run
+                offsets = slots - slot_range[0]
+                # A dummy row attends to position 0 only: finite, and dropped afterwards.
+                row_positions = positions.new_zeros(slot_range[1] - slot_range[0]).index_copy(0, offsets, positions)
+        # (rows, 1, 1, window): each row sees its own slot's positions 0..positions[i] only.
+        mask = (torch.arange(window, device=tokens.device)[None, :] <= row_positions[:, None])[:, None, None, :]
 
         def attend_for_layer(layer):
             def attend(q, k, v):
                 cache.store_tokens(layer, slots, positions, k[:, :, 0], v[:, :, 0])
-                keys, values = cache.window(layer, slots, window, first_slot)
-                return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+                if rows is None:
+                    keys, values = cache.window(layer, slots, window)
+                    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+                keys, values = cache.run_window(layer, rows, window)
+                if offsets is None:
+                    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+                q_rows = q.new_zeros((keys.shape[0],) + q.shape[1:]).index_copy(0, offsets, q)
+                return F.scaled_dot_product_attention(q_rows, keys, values, attn_mask=mask).index_select(0, offsets)
             return attend
 
         x = self._hidden_states(tokens[:, None], positions[:, None], attend_for_layer)
         return self._output_logits(x[:, 0])
+
+    def set_output_dtype(self, dtype: torch.dtype | None) -> None:
+        """Run the inference output layer in `dtype` (None: the weights' dtype).
+
+        For serving fp32 models on a CPU with native bf16 (AVX512-BF16, AMX): the output
+        layer is most of a small model's decode step, and in bf16 it ran 2.5x faster than
+        fp32 at every batch size on this project's build machine (README, serving), while
+        the rest of the model stays fp32, which is faster than bf16 at batch 1."""
+        if isinstance(self.lm_head, Int8Linear) and dtype is not None:
+            raise ValueError("an int8 output layer has its own kernel; it takes no output dtype")
+        self.output_dtype = dtype
+
+    @property
+    def output_dtype_name(self) -> str:
+        """What the inference output layer computes in: 'int8', 'bfloat16', 'float32', ..."""
+        if isinstance(self.lm_head, Int8Linear):
+            return "int8"
+        return str(self.output_dtype or self.lm_head.weight.dtype).removeprefix("torch.")
 
     def _output_logits(self, x: torch.Tensor) -> torch.Tensor:
         """float32 logits (B, V) of final hidden states x (B, C) for the inference paths.
@@ -447,18 +483,25 @@ class GPT(nn.Module):
         which for a narrow model (C = 128) runs at a third of memory speed: the output
         layer alone took 4 ms of a 5 ms decode step at batch 1. A (C, V) copy of the
         weight streams instead (1.2 ms). bf16 and GPUs show no such gap, so they skip
-        the copy and its memory. The copy is rebuilt whenever the weight changes.
+        the copy and its memory. Derived weights are rebuilt whenever the weight changes.
         """
         if isinstance(self.lm_head, Int8Linear):  # int8 has its own CPU kernel (no float weight)
             return self.lm_head(x).float()
         weight = self.lm_head.weight
+        if self.output_dtype is not None and self.output_dtype != weight.dtype:
+            cast = self._derived_output_weight(lambda w: w.to(self.output_dtype))
+            return F.linear(x.to(self.output_dtype), cast).float()
         if weight.device.type != "cpu" or weight.dtype != torch.float32:
             return self.lm_head(x).float()
-        key = (weight.data_ptr(), weight._version)
-        if getattr(self, "_output_weight_t_key", None) != key:
-            self._output_weight_t = weight.detach().t().contiguous()
-            self._output_weight_t_key = key
-        return x @ self._output_weight_t
+        return x @ self._derived_output_weight(lambda w: w.t().contiguous())
+
+    def _derived_output_weight(self, derive) -> torch.Tensor:
+        """derive(weight), kept until the weight (or the output dtype) changes."""
+        weight = self.lm_head.weight
+        key = (weight.data_ptr(), weight._version, self.output_dtype)
+        if self._output_weight_key != key:
+            self._output_weight, self._output_weight_key = derive(weight.detach()), key
+        return self._output_weight
 
     # ---- pretrained weights
 
@@ -594,6 +637,30 @@ def _swap_in_int8(model: GPT, make) -> None:
         setattr(parent, name, make(getattr(parent, name)))
     model.transformer.wte = model.lm_head  # still tied: one int8 table in both roles
     model.transformer.wpe = make(model.transformer.wpe)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); without it bf16
+    matmuls are emulated and slower than fp32. Linux's /proc/cpuinfo; elsewhere, no."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_output_dtype(name: str, model: GPT, device) -> torch.dtype | None:
+    """The output-layer dtype for serving ('auto' | 'float32' | 'bfloat16'; None: the weights').
+    auto: bf16 for an fp32 model on a CPU with native bf16, else the weights' own dtype."""
+    if name not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"output dtype must be auto, float32 or bfloat16, got {name!r}")
+    if isinstance(model.lm_head, Int8Linear):
+        return None
+    if name != "auto":
+        return getattr(torch, name)
+    fp32_on_cpu = torch.device(device).type == "cpu" and model.lm_head.weight.dtype == torch.float32
+    return torch.bfloat16 if fp32_on_cpu and cpu_has_native_bf16() else None
 
 
 def use_int8_kernel(model: nn.Module, device) -> str:

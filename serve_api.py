@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine import (Engine, EngineConfig, EngineDraining, EngineObserver, QueueFull, SamplingParams,
                     StreamEvent, build_prompt_ids)
 from engine_process import EngineProcess
-from model import CheckpointError, load_checkpoint
+from model import CheckpointError, load_checkpoint, resolve_output_dtype
 from tokenizer import DEFAULT_FIM_LAYOUT, FIM_LAYOUTS, TOKENIZER_NAME, load_tokenizer
 
 log = logging.getLogger("serve_api")
@@ -85,6 +85,9 @@ class Settings:
     device: str = option("auto", "--device", "DEVICE", "auto | cpu | cuda | cuda:N")
     dtype: str = option("auto", "--dtype", "DTYPE", "auto: bf16 on CUDA, fp32 on CPU",
                         ("auto", "float32", "bfloat16", "float16"))
+    output_dtype: str = option("auto", "--output-dtype", "OUTPUT_DTYPE",
+                               "output layer: auto = bfloat16 for a float32 model on a CPU with native bf16 "
+                               "(AVX512-BF16/AMX), else the model's dtype", ("auto", "float32", "bfloat16"))
     max_batch: int = option(64, "--max-batch", "MAX_BATCH", "sequences decoded together (KV-cache slots)")
     max_waiting: int = option(256, "--max-waiting", "MAX_WAITING", "queue length beyond which requests get 429")
     max_queue_wait_s: float = option(10.0, "--max-queue-wait", "MAX_QUEUE_WAIT_S", "seconds queued before 503")
@@ -166,6 +169,7 @@ class ServedModel:
     model_id: str
     device: str
     dtype: str
+    output_dtype: str  # the output layer's (model.set_output_dtype), may differ from dtype
     quantization: str
     created: int
 
@@ -204,8 +208,10 @@ def load_served_model(settings: Settings) -> ServedModel:
     quantization = ckpt.get("quantization") or "none"
     if quantization == "none":  # a quantized model keeps the float dtype its loader chose for scales
         model = model.to(resolve_dtype(settings.dtype, device))
+    output_dtype = resolve_output_dtype(settings.output_dtype, model, device)
+    model.set_output_dtype(output_dtype)
     dtype = str(model.dtype).removeprefix("torch.")
-    return ServedModel(model, model_id, device, dtype, quantization, int(time.time()))
+    return ServedModel(model, model_id, device, dtype, model.output_dtype_name, quantization, int(time.time()))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -324,7 +330,8 @@ class Metrics:
         self.prefix_blocks = gauge("prefix_cache_blocks", "Prefix-cache blocks in use")
         self.prefix_capacity = gauge("prefix_cache_capacity_blocks", "Prefix-cache blocks that fit its memory bound")
         self.ready = gauge("ready", "1 when /ready answers 200")
-        self.build_info = gauge("build_info", "What is served", ["model_id", "device", "dtype", "quantization"])
+        self.build_info = gauge("build_info", "What is served",
+                                ["model_id", "device", "dtype", "output_dtype", "quantization"])
 
     def bind(self, runtime: "Runtime") -> None:
         """Gauges read live state at scrape time, so they can never drift from the engine."""
@@ -337,7 +344,8 @@ class Metrics:
         self.prefix_blocks.set_function(lambda: engine.prefix_cache_stats["blocks_used"])
         self.prefix_capacity.set_function(lambda: engine.prefix_cache_stats["blocks_capacity"])
         served = runtime.served
-        self.build_info.labels(served.model_id, served.device, served.dtype, served.quantization).set(1)
+        self.build_info.labels(served.model_id, served.device, served.dtype, served.output_dtype,
+                               served.quantization).set(1)
 
 
 class PrometheusObserver(EngineObserver):
@@ -510,7 +518,8 @@ class Runtime:
             return
         if self.phase == "warming_up":
             self.phase = "ready"
-            log.info("ready: serving %s on %s (%s)", self.served.model_id, self.served.device, self.served.dtype)
+            log.info("ready: serving %s on %s (%s, output layer %s)", self.served.model_id, self.served.device,
+                     self.served.dtype, self.served.output_dtype)
 
     async def drain(self) -> None:
         """Stop taking work, let in-flight requests finish (bounded). Idempotent."""

@@ -11,7 +11,7 @@ import torch
 from engine import (Completion, Detokenizer, Engine, EngineConfig, EngineDraining, EngineFailed, EngineObserver,
                     QueueFull, SamplingParams, StreamEvent, TokenHealer, Vocabulary, build_prompt_ids,
                     split_fim_prompt)
-from model import GPT, GPTConfig
+from model import GPTConfig
 from tokenizer import EOT_ID, FIM_MIDDLE_ID, N_VOCAB, fim_ids, load_tokenizer
 
 V = 50304
@@ -56,7 +56,7 @@ class FakeModel(torch.nn.Module):
     def prefill(self, tokens, cache, slot, start_pos):
         return self.logits_at(start_pos + len(tokens) - 1).clone()
 
-    def decode(self, tokens, cache, slots, positions, window=None, first_slot=None):
+    def decode(self, tokens, cache, slots, positions, window=None, slot_range=None):
         time.sleep(self.delay)
         if self.fail_decode:
             raise RuntimeError("simulated device failure")

@@ -12,12 +12,11 @@ import time
 from dataclasses import replace
 
 import pytest
-import torch
 
 import serve_api
 from engine import Engine, EngineConfig, EngineDraining, EngineFailed, EngineObserver, QueueFull, SamplingParams
 from engine_process import EngineProcess
-from model import load_checkpoint
+from model import load_checkpoint, resolve_output_dtype
 from serve_helpers import write_tiny_checkpoint
 from tokenizer import load_tokenizer
 
@@ -89,6 +88,7 @@ def test_greedy_results_match_the_in_process_engine(engine, ckpt):
     handles = [engine.submit(p, GREEDY) for p in prompts()]
     remote = [h.result(30) for h in handles]
     model, _ = load_checkpoint(ckpt, "cpu")
+    model.set_output_dtype(resolve_output_dtype("auto", model, "cpu"))  # as the server loads it
     local = Engine(model, EngineConfig(max_batch=4)).generate(prompts(), GREEDY)
     assert [c.token_ids for c in remote] == [c.token_ids for c in local]
     assert [c.text for c in remote] == [c.text for c in local]

@@ -221,6 +221,27 @@ def test_batched_decode_with_rows_of_different_lengths_matches_full_forward():
             seqs[slot].append(int(logits[row].argmax()))
 
 
+@pytest.mark.parametrize("slot_list", [[1, 2, 3], [0, 2, 3], [0, 3]], ids=["run", "gap", "wide-gap"])
+def test_decode_reading_a_run_of_slots_in_place_matches_full_forward(slot_list):
+    # The engine passes slot_range=(first, last + 1) for ascending slots; rows of the run
+    # outside the batch (slot 1 in "gap") hold another sequence that must not leak in.
+    model = tiny_model()
+    cache = model.allocate_kv_cache(n_slots=4, max_len=40, dtype=torch.float32, device="cpu")
+    torch.manual_seed(4)
+    seqs = {slot: torch.randint(0, 512, (4 + 3 * slot,)).tolist() for slot in range(4)}
+    for slot, seq in seqs.items():
+        seq.append(int(model.prefill(torch.tensor(seq), cache, slot, start_pos=0).argmax()))
+    slots = torch.tensor(slot_list)
+    for _ in range(4):
+        tokens = torch.tensor([seqs[s][-1] for s in slot_list])
+        positions = torch.tensor([len(seqs[s]) - 1 for s in slot_list])
+        logits = model.decode(tokens, cache, slots, positions, window=int(positions.max()) + 1,
+                              slot_range=(slot_list[0], slot_list[-1] + 1))
+        for row, slot in enumerate(slot_list):
+            assert (logits[row] - last_logits(model, seqs[slot])).abs().max() <= 1e-5
+            seqs[slot].append(int(logits[row].argmax()))
+
+
 def test_decode_ignores_stale_cache_entries_past_a_rows_position():
     # A slot reused for a shorter sequence still holds the old sequence's later entries;
     # the per-row mask must hide them.
@@ -271,6 +292,44 @@ def test_bf16_inference_runs_and_stays_close_to_fp32():
     logits = model.decode(torch.tensor([seq[9]]), cache, torch.tensor([0]), torch.tensor([9]))
     assert logits.dtype == torch.float32
     assert (logits[0] - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_bf16_output_layer_is_close_to_fp32_and_the_same_alone_or_in_a_batch():
+    model = tiny_model()
+    cache = model.allocate_kv_cache(3, 32, torch.float32, "cpu")
+    torch.manual_seed(5)
+    seqs = [torch.randint(0, 512, (n,)).tolist() for n in (6, 9, 12)]
+    for slot, seq in enumerate(seqs):
+        model.prefill(torch.tensor(seq[:-1]), cache, slot, 0)
+    tokens, slots = torch.tensor([s[-1] for s in seqs]), torch.arange(3)
+    positions = torch.tensor([len(s) - 1 for s in seqs])
+    fp32 = model.decode(tokens, cache, slots, positions)
+    model.set_output_dtype(torch.bfloat16)
+    assert model.output_dtype_name == "bfloat16" and model.lm_head.weight.dtype == torch.float32
+    batch = model.decode(tokens, cache, slots, positions)
+    assert batch.dtype == torch.float32 and not torch.equal(batch, fp32)  # really computed in bf16
+    assert (batch - fp32).abs().max() < 0.02 * fp32.abs().max()
+    for row in range(3):  # greedy identity in the engine needs each row independent of the batch
+        alone = model.decode(tokens[row:row + 1], cache, slots[row:row + 1], positions[row:row + 1])
+        assert torch.equal(alone[0], batch[row])
+    model.set_output_dtype(None)
+    assert torch.equal(model.decode(tokens, cache, slots, positions), fp32)
+
+
+def test_output_dtype_resolution(monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: True)
+    assert model_module.resolve_output_dtype("auto", model, "cpu") == torch.bfloat16
+    assert model_module.resolve_output_dtype("float32", model, "cpu") == torch.float32
+    assert model_module.resolve_output_dtype("auto", model.to(torch.bfloat16), "cpu") is None  # already bf16
+    monkeypatch.setattr(model_module, "cpu_has_native_bf16", lambda: False)  # emulated bf16 is slower
+    assert model_module.resolve_output_dtype("auto", tiny_model(), "cpu") is None
+    int8 = model_module.quantize_int8(tiny_model())
+    assert model_module.resolve_output_dtype("bfloat16", int8, "cpu") is None and int8.output_dtype_name == "int8"
+    with pytest.raises(ValueError):
+        int8.set_output_dtype(torch.bfloat16)
+    with pytest.raises(ValueError, match="output dtype"):
+        model_module.resolve_output_dtype("fp8", tiny_model(), "cpu")
 
 
 def test_cache_rejects_mismatched_dtype_and_out_of_range_positions():

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import serve_api
+from model import cpu_has_native_bf16
 from serve_helpers import (REPO, SERVER_SCRIPT, free_port, parse_stream, start_server_process, thread_server,
                            wait_until_ready, write_tiny_checkpoint)
 from tokenizer import load_tokenizer
@@ -396,7 +397,9 @@ def test_metrics_parse_and_move_with_traffic(server):
     assert after[("codeassist_ready", frozenset())] == 1 and after[("codeassist_requests_running", frozenset())] == 0
     assert after[("codeassist_kv_cache_usage_ratio", frozenset())] == 0
     build = [labels for name, labels in after if name == "codeassist_build_info"]
-    assert dict(build[0]) == {"model_id": MODEL, "device": "cpu", "dtype": "float32", "quantization": "none"}
+    output = "bfloat16" if cpu_has_native_bf16() else "float32"  # --output-dtype auto
+    assert dict(build[0]) == {"model_id": MODEL, "device": "cpu", "dtype": "float32", "output_dtype": output,
+                              "quantization": "none"}
     post(server, {"model": "nope", "prompt": "x"})
     bad = ("codeassist_http_requests_total", frozenset({("endpoint", "/v1/completions"), ("status", "404")}))
     assert metric_samples(server)[bad] == after.get(bad, 0) + 1
