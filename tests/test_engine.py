@@ -10,7 +10,7 @@ import torch
 
 from engine import (Completion, Detokenizer, Engine, EngineConfig, EngineDraining, EngineFailed, EngineObserver,
                     QueueFull, SamplingParams, StreamEvent, TokenHealer, Vocabulary, build_prompt_ids,
-                    split_fim_prompt)
+                    first_argmax, split_fim_prompt)
 from model import GPTConfig
 from tokenizer import EOT_ID, FIM_MIDDLE_ID, N_VOCAB, fim_ids, load_tokenizer
 
@@ -633,3 +633,15 @@ def test_stream_joins_queued_pieces_but_never_merges_text_into_a_failure():
         return [(e.text, e.finish_reason) for e in events]
 
     assert asyncio.run(consume()) == [("ab", None), ("", "error")]
+
+
+def test_first_argmax_equals_argmax_including_ties_and_masked_rows():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50304)
+    logits[1, [300, 7000]] = 50.0  # a tie across blocks: the first wins
+    logits[2, [130, 131]] = 50.0  # a tie inside a block
+    logits[3] = float("-inf")  # everything masked
+    logits[4, :200] = float("-inf")
+    assert torch.equal(first_argmax(logits), logits.argmax(dim=-1))
+    odd = torch.randn(3, 1000)  # not a multiple of the block: plain argmax
+    assert torch.equal(first_argmax(odd), odd.argmax(dim=-1))
