@@ -205,7 +205,7 @@ def test_full_queue_shows_429s_counted_as_rejections(server, workdir, tmp_path, 
 
 
 def test_ckpt_mode_runs_the_baseline_and_stops_both_servers(workdir, tmp_path, capsys):
-    code, report, out, _ = run_bench(["--ckpt", workdir["ckpt"], "--data-dir", workdir["data"], "--levels", "2",
+    code, report, out, _ = run_bench(["--ckpt", workdir["ckpt"], "--data-dir", workdir["data"], "--levels", "2,3",
                                       "--duration", "1", "--prompt-tokens", "16,32", "--max-tokens", "4",
                                       "--server-arg=--log-level=warning", "--no-progress"], tmp_path, capsys)
     assert code == 0
@@ -213,12 +213,16 @@ def test_ckpt_mode_runs_the_baseline_and_stops_both_servers(workdir, tmp_path, c
     assert "--max-batch" not in engine["command"]  # the server's own default
     assert baseline["command"][baseline["command"].index("--max-batch") + 1] == "1"
     for server in (engine, baseline):
-        assert_counts_add_up(server["levels"][0]) and server["levels"][0]["ok"] > 0
+        for level in server["levels"]:
+            assert_counts_add_up(level) and level["ok"] > 0
         port = int(server["command"][server["command"].index("--port") + 1])
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
             pass  # stopped: nothing listens there any more
-    (ratio,) = report["ratios"]
-    assert ratio["users"] == 2 and ratio["throughput_x"] > 0
+    # Level by level, alternating which server goes first, so a slow spell hits both alike.
+    starts = [engine["levels"][0], baseline["levels"][0], baseline["levels"][1], engine["levels"][1]]
+    assert [level["users"] for level in starts] == [2, 2, 3, 3]
+    assert [level["started_at"] for level in starts] == sorted(level["started_at"] for level in starts)
+    assert [r["users"] for r in report["ratios"]] == [2, 3] and report["ratios"][0]["throughput_x"] > 0
     assert set(report["cost"]) == {"engine", "baseline"}
     assert report["checkpoint"]["model_args"]["n_layer"] == 2
     assert "engine vs baseline" in out
