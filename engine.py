@@ -950,8 +950,6 @@ class Engine:
     def _is_idle(self) -> bool:
         return not self._scheduler.waiting and not self._scheduler.running
 
-    # ---- the loop
-
     # ---- the loop: run by start()'s thread, or driven step by step by engine_process.py
 
     @property

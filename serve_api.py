@@ -208,8 +208,7 @@ def load_served_model(settings: Settings) -> ServedModel:
     quantization = ckpt.get("quantization") or "none"
     if quantization == "none":  # a quantized model keeps the float dtype its loader chose for scales
         model = model.to(resolve_dtype(settings.dtype, device))
-    output_dtype = resolve_output_dtype(settings.output_dtype, model, device)
-    model.set_output_dtype(output_dtype)
+    model.set_output_dtype(resolve_output_dtype(settings.output_dtype, model, device))
     dtype = str(model.dtype).removeprefix("torch.")
     return ServedModel(model, model_id, device, dtype, model.output_dtype_name, quantization, int(time.time()))
 
@@ -349,7 +348,8 @@ class Metrics:
 
 
 class PrometheusObserver(EngineObserver):
-    """Engine callbacks (called on the engine thread; prometheus_client is thread-safe)."""
+    """Engine callbacks, called on the engine thread, or on EngineProcess's receiver thread as
+    the engine process relays them (prometheus_client is thread-safe)."""
 
     def __init__(self, metrics: Metrics):
         self.m = metrics
@@ -1002,7 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = parse_settings(argv, dict(os.environ))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.threads:
-        torch.set_num_threads(settings.threads)  # process-wide, so here in main, before the model loads
+        torch.set_num_threads(settings.threads)  # for --no-engine-process; the engine process sets its own
     try:
         app = create_app(settings)
     except StartupError as exc:
