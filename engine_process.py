@@ -211,8 +211,12 @@ class EngineProcess:
             except (EOFError, OSError):
                 break
             self._last_heard = time.monotonic()
-            if kind == "update":
+            if kind != "update":
+                continue
+            try:
                 self._apply(*payload)
+            except Exception:  # noqa: BLE001 - a bug here must not stop every later stream
+                log.exception("could not apply an engine update")
         self._child_gone()
 
     def _apply(self, updates: list, calls: list, stats: EngineStats) -> None:
