@@ -139,6 +139,25 @@ class EngineObserver:
     def on_prefix_evict(self, blocks: int): ...
 
 
+def raise_for_rejection(rejection: str | None, max_waiting: int, failure) -> None:
+    """The exception for an admission check's refusal ('queue_full' | 'draining' | 'failed')."""
+    if rejection == "queue_full":
+        raise QueueFull(f"{max_waiting} requests already waiting")
+    if rejection == "draining":
+        raise EngineDraining("the engine is draining and takes no new requests")
+    if rejection == "failed":
+        raise EngineFailed(f"the engine has failed: {failure!r}")
+
+
+def prefix_cache_stats(cache: PrefixCache | None) -> dict[str, int]:
+    """Blocks and bytes a prefix cache holds now, its capacity, evictions so far (all 0 when
+    there is none): plain ints, so any thread may read them."""
+    if cache is None:
+        return dict(blocks_used=0, blocks_capacity=0, bytes_used=0, bytes_capacity=0, evictions=0)
+    return dict(blocks_used=cache.blocks_used, blocks_capacity=cache.capacity_blocks, bytes_used=cache.bytes_used,
+                bytes_capacity=cache.capacity_blocks * cache.bytes_per_block, evictions=cache.evictions)
+
+
 def check_request(prompt: list[int], params: SamplingParams, max_context: int, vocab_size: int) -> None:
     """ValueError naming what is wrong with a request, before it is queued anywhere."""
     params.validate()
@@ -811,13 +830,8 @@ class Engine:
 
     @property
     def prefix_cache_stats(self) -> dict[str, int]:
-        """Blocks and bytes the prefix cache holds now, its capacity, evictions so far
-        (all 0 when it is off). Read from any thread: plain ints, a scrape may be a step old."""
-        cache = self._runner.prefix_cache
-        if cache is None:
-            return dict(blocks_used=0, blocks_capacity=0, bytes_used=0, bytes_capacity=0, evictions=0)
-        return dict(blocks_used=cache.blocks_used, blocks_capacity=cache.capacity_blocks, bytes_used=cache.bytes_used,
-                    bytes_capacity=cache.capacity_blocks * cache.bytes_per_block, evictions=cache.evictions)
+        """See prefix_cache_stats(); a scrape may be a step old."""
+        return prefix_cache_stats(self._runner.prefix_cache)
 
     @property
     def alive(self) -> bool:
@@ -865,12 +879,7 @@ class Engine:
         return handle
 
     def _raise_for(self, rejection: str | None) -> None:
-        if rejection == "queue_full":
-            raise QueueFull(f"{self.config.max_waiting} requests already waiting")
-        if rejection == "draining":
-            raise EngineDraining("the engine is draining and takes no new requests")
-        if rejection == "failed":
-            raise EngineFailed(f"the engine loop has failed: {self._failure!r}")
+        raise_for_rejection(rejection, self.config.max_waiting, self._failure)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         """Offline convenience: run every prompt, results in order. Submits as slots free up

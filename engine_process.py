@@ -38,7 +38,8 @@ from typing import Any, Callable
 import torch
 
 from engine import (IDLE_WAIT_S, Completion, Engine, EngineConfig, EngineDraining, EngineFailed, EngineObserver,
-                    EventOutbox, QueueFull, RequestHandle, SamplingParams, StreamEvent, check_request)
+                    EventOutbox, QueueFull, RequestHandle, SamplingParams, StreamEvent, check_request,
+                    prefix_cache_stats, raise_for_rejection)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,7 @@ class EngineStats:
     """The child's state after a step, for metrics and health."""
     running: int = 0
     waiting: int = 0
-    prefix_cache: dict = field(default_factory=lambda: dict(blocks_used=0, blocks_capacity=0, bytes_used=0,
-                                                            bytes_capacity=0, evictions=0))
+    prefix_cache: dict = field(default_factory=lambda: prefix_cache_stats(None))
     failure: str | None = None
 
 
@@ -151,14 +151,9 @@ class EngineProcess:
                 key = next(self._keys)
                 handle = RequestHandle(f"req-{key}", functools.partial(self._send, ("cancel", key)), self._outbox)
                 self._handles[key] = handle
-        if rejection == "queue_full":
+        if rejection in ("queue_full", "draining"):  # as Engine counts them: a failure is no rejection
             self._notify("on_reject", rejection)
-            raise QueueFull(f"{self.config.max_waiting} requests already waiting")
-        if rejection == "draining":
-            self._notify("on_reject", rejection)
-            raise EngineDraining("the engine is draining and takes no new requests")
-        if rejection == "failed":
-            raise EngineFailed(f"the engine process has failed: {self._failure}")
+        raise_for_rejection(rejection, self.config.max_waiting, self._failure)
         self._send(("submit", key, prompt_ids, params))
         return handle
 
