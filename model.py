@@ -29,6 +29,10 @@ IGNORE_INDEX = -1
 # efficient matmuls, small enough that one chunk's logits (rows x 50304 fp32 = 200 MB
 # at 1024 rows) stay modest.
 LOSS_CHUNK_ROWS = 256  # measured: 256 rows 1.18 s vs 1024 rows 1.62 s per compiled 8x256 bf16 step (1 thread)
+# On a GPU each chunk re-reads the (vocab, C) weight three times and adds to an fp32 copy of
+# its gradient, ~0.55 GB of traffic per chunk at 124M: 256-row chunks would make the loss of
+# a 16x1024 batch memory-bound (64 chunks, ~35 GB). 8192 rows: two chunks, 1.6 GB of fp32 logits.
+LOSS_CHUNK_ROWS_GPU = 8192
 
 
 @dataclass
@@ -299,7 +303,8 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None
         if isinstance(self.lm_head, Int8Linear):  # an inference model: the loss of what is served
             return None, _int8_head_loss(self.lm_head, x.reshape(B * T, -1), targets.reshape(B * T))
-        loss = chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T))
+        chunk_rows = LOSS_CHUNK_ROWS if x.device.type == "cpu" else LOSS_CHUNK_ROWS_GPU
+        loss = chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), chunk_rows)
         return None, loss
 
     def configure_optimizers(self, weight_decay: float, learning_rate: float,
@@ -425,6 +430,9 @@ class GPT(nn.Module):
         gathering a copy of each row's window (the copy cost 2/3 of the attention time at 64
         rows x 200 positions, CPU). Rows of the run not in the batch get a dummy query whose
         output is dropped, so a run much wider than the batch costs more than the copy.
+        When the batch has exactly hi - lo rows, row i reads cache row lo + i and writes its
+        new K/V at slots[i]: a padding row (cuda_graphs.py) writes to a spare slot outside
+        the run, and its output is dropped.
         """
         if window is None:
             window = int(positions.max()) + 1

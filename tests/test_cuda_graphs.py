@@ -1,9 +1,11 @@
 """The CUDA-graph decode path's bookkeeping, checked on CPU: bucketing, padding rows, the
 spare slot, and the automatic choice. The capture itself needs a GPU (make gpu-check)."""
+import types
+
 import pytest
 import torch
 
-from cuda_graphs import DecodeGraphs, batch_buckets, smallest_at_least, window_buckets
+from cuda_graphs import GATHER, IN_PLACE, DecodeGraphs, StepShape, batch_buckets, smallest_at_least, window_buckets
 from engine import Engine, EngineConfig, SamplingParams
 
 
@@ -32,17 +34,21 @@ def prefilled(model, prompts: dict[int, list[int]], n_slots: int, max_len: int):
     return cache
 
 
-def test_padded_bucketed_decode_equals_plain_decode_and_spares_other_slots(tiny):
+@pytest.mark.parametrize("in_place", [True, False])
+def test_padded_bucketed_decode_equals_plain_decode_and_spares_other_slots(tiny, in_place):
     torch.manual_seed(1)
     prompts = {0: torch.randint(0, 500, (7,)).tolist(), 2: torch.randint(0, 500, (30,)).tolist(),
                4: torch.randint(0, 500, (70,)).tolist()}
     plain_cache = prefilled(tiny, prompts, 6, 128)
     graph_cache = prefilled(tiny, prompts, 6, 128)
     graph_cache.k[:, 1].fill_(7.0)  # a slot no row decodes: padding must not write to it
-    graphs = DecodeGraphs(tiny, graph_cache, max_batch=5, window_step=32, capture=False)
+    graph_cache.v[:, 3].fill_(-7.0)
+    graphs = DecodeGraphs(tiny, graph_cache, max_batch=5, window_step=32, capture=False, in_place=in_place)
     assert graphs.padding_slot == 5
-    slots = [4, 0, 2]  # 3 rows -> batch bucket 4 (one padding row); furthest position 70 -> window 96
-    assert graphs.buckets_for([len(prompts[s]) for s in slots]) == (4, 96)
+    slots = [4, 0, 2]  # furthest position 70 -> window 96
+    # In place: one row per slot 0..4 (slots 1 and 3 are padding rows); gather: 3 rows padded to 4.
+    expected_shape = StepShape(IN_PLACE, 5, 96) if in_place else StepShape(GATHER, 4, 96)
+    assert graphs.plan(slots, [len(prompts[s]) for s in slots]) == expected_shape
     tokens = [11, 22, 33]
     positions = [len(prompts[s]) for s in slots]
     expected = tiny.decode(torch.tensor(tokens), plain_cache, torch.tensor(slots), torch.tensor(positions))
@@ -50,7 +56,7 @@ def test_padded_bucketed_decode_equals_plain_decode_and_spares_other_slots(tiny)
     assert got.shape == expected.shape == (3, tiny.config.vocab_size)
     assert torch.allclose(got, expected, atol=1e-5)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
-    assert torch.all(graph_cache.k[:, 1] == 7.0)
+    assert torch.all(graph_cache.k[:, 1] == 7.0) and torch.all(graph_cache.v[:, 3] == -7.0)
     for slot in slots:  # each live row's new K/V landed where plain decode put it
         position = len(prompts[slot])
         assert torch.allclose(graph_cache.k[:, slot, :, position], plain_cache.k[:, slot, :, position], atol=1e-6)
@@ -69,6 +75,23 @@ def test_a_full_bucket_needs_no_padding_and_continues_greedily(tiny):
         assert torch.equal(got.argmax(-1), expected.argmax(-1))
         for slot, token in zip((0, 1), got.argmax(-1).tolist()):
             seqs[slot].append(token)
+
+
+def test_the_layout_follows_how_far_the_live_slots_spread():
+    """In place while the slot span is at most twice the batch bucket; gather beyond."""
+    model = types.SimpleNamespace()
+    cache = types.SimpleNamespace(n_slots=129, max_len=320, k=torch.zeros(1))
+    graphs = DecodeGraphs(model, cache, max_batch=128, window_step=64, capture=False)
+    assert graphs.plan(list(range(100)), [5] * 100) == StepShape(IN_PLACE, 128, 64)
+    assert graphs.plan([3, 5, 6], [200, 64, 7]) == StepShape(IN_PLACE, 8, 256)  # span 8 <= 2 * 4
+    assert graphs.plan([3, 17], [200, 64]) == StepShape(GATHER, 2, 256)  # span 32 > 2 * 2
+    assert graphs.plan([3, 90], [1, 2]) == StepShape(GATHER, 2, 64)
+    assert graphs.plan([0, 1, 2, 3, 120], [1] * 5) == StepShape(GATHER, 8, 64)
+    assert graphs.plan(list(range(40)) + [127], [1] * 41) == StepShape(IN_PLACE, 128, 64)
+    shapes = graphs.shapes()
+    assert len(shapes) == len(set(shapes)) == 8 * 5 + 6 * 5  # gather only below half of max_batch
+    assert shapes[0] == StepShape(IN_PLACE, 128, 320)
+    assert {s.rows for s in shapes if s.layout == GATHER} == {1, 2, 4, 8, 16, 32}
 
 
 def test_decode_graphs_refuse_what_they_cannot_do(tiny):

@@ -12,8 +12,10 @@ import gpu_check
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_smoke_run_writes_a_report_with_every_decode_and_reference_field(tmp_path):
-    assert gpu_check.main(["--smoke", "--sections", "decode,hf", "--out-dir", str(tmp_path)]) == 0
+def test_smoke_run_writes_a_report_with_every_decode_greedy_and_reference_field(tmp_path, capsys):
+    """Each section runs in its own process (a CUDA error must not take the others down)."""
+    assert gpu_check.main(["--smoke", "--sections", "decode,greedy,hf", "--out-dir", str(tmp_path),
+                           "--ckpt", str(tmp_path / "none.pt"), "--data-dir", str(tmp_path)]) == 0
     [report_file] = [f for f in os.listdir(tmp_path) if f.startswith("gpu-cpu-") and f.endswith(".json")]
     report = json.loads((tmp_path / report_file).read_text())
     assert report["smoke"] is True and report["gpu"] == "cpu"
@@ -26,6 +28,25 @@ def test_smoke_run_writes_a_report_with_every_decode_and_reference_field(tmp_pat
     assert report["decode"]["copy_bandwidth_gb_s"] > 0
     hf = report["hf_generate"]
     assert hf["batch"] == 4 and hf["ms_per_step"] > 0
+    greedy = report["greedy"]
+    assert greedy["model"] == "random toy weights" and greedy["prompts"] == "random ids"
+    assert greedy["float32"] == {"graphs": False, "graphs_vs_eager_identical": 4, "alone_vs_batched_identical": 4,
+                                 "of": 4}
+    assert all(report[name]["section_s"] > 0 for name in ("decode", "greedy", "hf_generate"))
+    printed = capsys.readouterr().out
+    assert "decode b4    ctx96" in printed and "greedy: " in printed
+
+
+def test_a_failing_section_is_recorded_and_the_others_still_run(tmp_path):
+    done = subprocess.run([sys.executable, "gpu_check.py", "--smoke", "--sections", "greedy,hf", "--out-dir",
+                           str(tmp_path), "--ckpt", __file__, "--data-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    [report_file] = os.listdir(tmp_path)
+    report = json.loads((tmp_path / report_file).read_text())
+    assert report["greedy"]["error"] == "exited 1"  # a .py file is no checkpoint
+    assert "CheckpointError" in report["greedy"]["stderr_tail"]
+    assert report["hf_generate"]["ms_per_step"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
