@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 CHECKPOINT_FORMAT = 1
 IGNORE_INDEX = -1
@@ -33,6 +34,20 @@ LOSS_CHUNK_ROWS = 256  # measured: 256 rows 1.18 s vs 1024 rows 1.62 s per compi
 # its gradient, ~0.55 GB of traffic per chunk at 124M: 256-row chunks would make the loss of
 # a 16x1024 batch memory-bound (64 chunks, ~35 GB). 8192 rows: two chunks, 1.6 GB of fp32 logits.
 LOSS_CHUNK_ROWS_GPU = 8192
+
+
+# Attention over the KV cache (prefill, decode) keeps cuDNN's kernel out: cuDNN builds an
+# execution plan for every new shape, ~2.5 ms of host time per call (H200, torch 2.11: 17.4 s
+# of a 19.3 s engine run, profiled by scratch work for `make gpu-check`), and serving shapes
+# change at every step. These kernels take any shape at no setup cost.
+CACHED_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """SDPA for the inference paths: causal when mask is None, else the boolean mask."""
+    with sdpa_kernel(CACHED_ATTENTION_BACKENDS):
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
 
 
 @dataclass
@@ -364,7 +379,7 @@ class GPT(nn.Module):
             def attend(q, k, v):
                 cache.store_span(layer, slot, start_pos, k[0], v[0])
                 keys, values = cache.span(layer, slot, end)
-                return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
+                return cached_attention(q, keys, values, mask)
             return attend
 
         x = self._hidden_states(tokens[None, :], positions, attend_for_layer)
@@ -406,8 +421,7 @@ class GPT(nn.Module):
                 outputs = []
                 for (slot, off, n, _, end), mask in zip(spans, masks):
                     keys, values = cache.span(layer, slot, end)
-                    outputs.append(F.scaled_dot_product_attention(q[:, :, off : off + n], keys, values,
-                                                                  attn_mask=mask, is_causal=mask is None))
+                    outputs.append(cached_attention(q[:, :, off : off + n], keys, values, mask))
                 return torch.cat(outputs, dim=2)
             return attend
 
@@ -456,9 +470,9 @@ class GPT(nn.Module):
                 keys, values = cache.window(layer, slots, window) if rows is None else \
                     cache.run_window(layer, rows, window)
                 if offsets is None:
-                    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+                    return cached_attention(q, keys, values, mask)
                 q_rows = q.new_zeros((keys.shape[0],) + q.shape[1:]).index_copy(0, offsets, q)
-                return F.scaled_dot_product_attention(q_rows, keys, values, attn_mask=mask).index_select(0, offsets)
+                return cached_attention(q_rows, keys, values, mask).index_select(0, offsets)
             return attend
 
         x = self._hidden_states(tokens[:, None], positions[:, None], attend_for_layer)

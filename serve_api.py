@@ -46,7 +46,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import (Engine, EngineConfig, EngineDraining, EngineObserver, QueueFull, SamplingParams,
-                    StreamEvent, build_prompt_ids)
+                    StreamEvent, build_prompt_ids, default_prefill_chunk)
 from engine_process import EngineProcess
 from model import CheckpointError, load_checkpoint, resolve_output_dtype
 from tokenizer import DEFAULT_FIM_LAYOUT, FIM_LAYOUTS, TOKENIZER_NAME, load_tokenizer
@@ -91,7 +91,8 @@ class Settings:
     max_batch: int = option(64, "--max-batch", "MAX_BATCH", "sequences decoded together (KV-cache slots)")
     max_waiting: int = option(256, "--max-waiting", "MAX_WAITING", "queue length beyond which requests get 429")
     max_queue_wait_s: float = option(10.0, "--max-queue-wait", "MAX_QUEUE_WAIT_S", "seconds queued before 503")
-    prefill_chunk: int = option(512, "--prefill-chunk", "PREFILL_CHUNK", "prompt tokens prefilled per engine step")
+    prefill_chunk: int = option(0, "--prefill-chunk", "PREFILL_CHUNK",
+                                "prompt tokens prefilled per engine step (0: 512 on CPU, 4096 on CUDA)")
     drain_timeout_s: float = option(20.0, "--drain-timeout", "DRAIN_TIMEOUT_S", "seconds to finish after SIGTERM")
     api_keys: tuple[str, ...] = option((), "--api-keys", "API_KEYS",
                                        "comma-separated bearer keys; none: no auth (prefer the env: flags show in ps)")
@@ -147,8 +148,8 @@ def parse_settings(argv: list[str] | None, environ: dict[str, str]) -> Settings:
         if f.metadata["choices"] and values[f.name] not in f.metadata["choices"]:
             parser.error(f"{source}: {raw!r} is not one of {', '.join(f.metadata['choices'])}")
     settings = Settings(**values)
-    if min(settings.max_batch, settings.prefill_chunk, settings.max_body_bytes) < 1 or settings.max_waiting < 0:
-        parser.error("--max-batch, --prefill-chunk and --max-body-bytes must be >= 1, --max-waiting >= 0")
+    if min(settings.max_batch, settings.max_body_bytes) < 1 or min(settings.max_waiting, settings.prefill_chunk) < 0:
+        parser.error("--max-batch and --max-body-bytes must be >= 1, --max-waiting and --prefill-chunk >= 0")
     if settings.prefix_cache_mb < 0:
         parser.error("--prefix-cache-mb must be >= 0")
     if settings.threads < 0:
@@ -465,7 +466,8 @@ def start_engine(settings: Settings, observer: EngineObserver, enc) -> tuple[Eng
     """The engine (its own process by default; engine_process.py says why) and what it serves.
     StartupError when the model cannot be served."""
     config = EngineConfig(max_batch=settings.max_batch, max_waiting=settings.max_waiting,
-                          max_queue_wait_s=settings.max_queue_wait_s, prefill_chunk=settings.prefill_chunk,
+                          max_queue_wait_s=settings.max_queue_wait_s,
+                          prefill_chunk=settings.prefill_chunk or default_prefill_chunk(resolve_device(settings.device)),
                           prefix_cache=settings.prefix_cache, prefix_cache_mb=settings.prefix_cache_mb,
                           cuda_graphs=settings.cuda_graphs)
     if settings.engine_process:

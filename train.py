@@ -197,7 +197,7 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and world_size > 1:
+    if device == "cuda":  # torch.cuda.set_device wants an index (torch 2.11 refuses a bare "cuda")
         device = f"cuda:{local_rank}"
     device_type = device.split(":")[0]
     if device_type == "cuda":

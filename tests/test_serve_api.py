@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import serve_api
+from engine import default_prefill_chunk
 from model import cpu_has_native_bf16
 from serve_helpers import (REPO, SERVER_SCRIPT, free_port, parse_stream, start_server_process, thread_server,
                            wait_until_ready, write_tiny_checkpoint)
@@ -478,7 +479,13 @@ def test_settings_from_flags_and_environment():
     assert not s.engine_process and serve_api.parse_settings([], {}).engine_process
     assert (s.dtype, s.drain_timeout_s, s.host) == ("bfloat16", 3.0, "127.0.0.1")
     assert serve_api.parse_settings([], {}).port == 8000
-    for bad in ({"PORT": "eighty"}, {"DTYPE": "int3"}):
+    for bad in ({"PORT": "eighty"}, {"DTYPE": "int3"}, {"PREFILL_CHUNK": "-1"}, {"MAX_BATCH": "0"}):
         with pytest.raises(SystemExit):
             serve_api.parse_settings([], bad)
+
+
+def test_the_prefill_chunk_follows_the_device_unless_set():
+    assert serve_api.parse_settings([], {}).prefill_chunk == 0  # auto
+    assert serve_api.parse_settings(["--prefill-chunk", "64"], {}).prefill_chunk == 64
+    assert (default_prefill_chunk("cpu"), default_prefill_chunk("cuda:0")) == (512, 4096)
 
