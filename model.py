@@ -11,11 +11,12 @@ embeddings). Two things differ from a textbook GPT because of where it runs:
   (continuous batching), prefill prompts in chunks and reuse cached prefixes.
 """
 
+import contextlib
 import logging
 import math
 import os
-import warnings
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -39,15 +40,18 @@ LOSS_CHUNK_ROWS_GPU = 8192
 # Attention over the KV cache (prefill, decode) keeps cuDNN's kernel out: cuDNN builds an
 # execution plan for every new shape, ~2.5 ms of host time per call (H200, torch 2.11: 17.4 s
 # of a 19.3 s engine run, profiled by scratch work for `make gpu-check`), and serving shapes
-# change at every step. These kernels take any shape at no setup cost.
+# change at every step. These kernels take any shape at no setup cost. The choice is made
+# once per model call (_hidden_states), not per attention call: entering sdpa_kernel costs
+# ~37 us of host time (H100 host, profiled), 12 layers x every sequence of a prefill. The
+# switch is process-wide; two engines in one process (tests) could race on it, which would
+# change a kernel's speed, never the function computed.
 CACHED_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      mask: torch.Tensor | None) -> torch.Tensor:
     """SDPA for the inference paths: causal when mask is None, else the boolean mask."""
-    with sdpa_kernel(CACHED_ATTENTION_BACKENDS):
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
 
 
 @dataclass
@@ -303,9 +307,12 @@ class GPT(nn.Module):
     # ---- training
 
     def _hidden_states(self, idx: torch.Tensor, positions: torch.Tensor, attend_for_layer=None) -> torch.Tensor:
+        """Final hidden states; attend_for_layer(layer) gives the inference paths' cached
+        attention, which runs on CACHED_ATTENTION_BACKENDS."""
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        for layer, block in enumerate(self.transformer.h):
-            x = block(x, attend_for_layer(layer) if attend_for_layer else None)
+        with sdpa_kernel(CACHED_ATTENTION_BACKENDS) if attend_for_layer else contextlib.nullcontext():
+            for layer, block in enumerate(self.transformer.h):
+                x = block(x, attend_for_layer(layer) if attend_for_layer else None)
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
