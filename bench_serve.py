@@ -32,6 +32,7 @@ import bisect
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 import platform
 import random
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import httpx
@@ -68,6 +70,8 @@ LEVEL_GRACE_S = 5.0  # a level's hard deadline: duration + request timeout + thi
 FIM_OVERHEAD_TOKENS = 4  # the FIM special tokens a server adds around prefix and suffix
 OUTCOMES = ("ok", "error", "rejected_429", "rejected_503", "cancelled")
 SUPERSEDED = "superseded"  # the message a typing user cancels its stale request with
+WORKER_LEAD_S = 0.3  # load-generator processes start a level together, this long after it is handed out
+CLIENT_BOUND_SHARE = 0.8  # a level whose client processes were this busy measured the client, not the server
 MAX_HELD_OUT_CHARS = 4_000_000  # plenty of distinct prompts; tokenizing more only delays the start
 
 
@@ -116,6 +120,7 @@ class Settings:
     seed: int = 0
     out_dir: str = "bench"
     progress: bool = True
+    client_procs: int = 0  # load-generator processes; 0: 1 on a machine of <= 4 CPUs, else 4
 
 
 def pair(text: str) -> tuple[float, float]:
@@ -193,6 +198,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out-dir", default=d.out_dir)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
+    p.add_argument("--client-procs", type=int, default=d.client_procs,
+                   help="load-generator processes, users split among them (0: 1 on <= 4 CPUs, else 4)")
     a = p.parse_args(argv)
     settings = Settings(**{k: v for k, v in vars(a).items() if k != "prompt_tokens"},
                         prompt_min=int(a.prompt_tokens[0]), prompt_max=int(a.prompt_tokens[1]))
@@ -206,6 +213,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         p.error("--duration, --request-timeout and --max-tokens must be positive")
     if settings.typing_window_step < 1:
         p.error("--typing-window-step must be >= 1")
+    if settings.client_procs < 0:
+        p.error("--client-procs must be >= 0")
     return settings
 
 
@@ -772,18 +781,40 @@ def new_client(settings: Settings, users: int) -> httpx.AsyncClient:
                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=users))
 
 
-async def run_level(target: Target, users: int, settings: Settings, workload, progress,
-                    prompts: range = range(0)) -> dict:
-    recorder = Recorder(settings.request_timeout)
-    cancels_before = scrape_counter(target.base_url, settings.cancel_metric, auth_headers(settings))
-    prefix_before = scrape_counters(target.base_url, PREFIX_METRICS, auth_headers(settings))
-    cpu_before, started_at = time.process_time(), time.time()
-    async with new_client(settings, users) as client:
+@dataclass
+class LevelPart:
+    """What one load-generator process's users did in a level."""
+    recorder: Recorder
+    elapsed_s: float
+    cpu_s: float
+    repeated_prompts: int
+
+
+def client_process_count(settings: Settings, users: int) -> int:
+    """One asyncio process streams ~2,600 tokens/s of SSE at most (measured: 95% of a core
+    on a 16-CPU H100 host), so a fast server needs several; never more than users, nor than
+    a --requests cap (each process gets a share of it)."""
+    wanted = settings.client_procs or (1 if (os.cpu_count() or 1) <= 4 else 4)
+    return max(1, min(wanted, users, settings.requests or users))
+
+
+def split_requests(cap: int, procs: int, index: int) -> int:
+    """Process index's share of a --requests cap (0: no cap)."""
+    return 0 if cap <= 0 else cap // procs + (index < cap % procs)
+
+
+async def drive_users(target: Target, user_ids: range, settings: Settings, workload, prompts: range,
+                      progress=None, start_at: float | None = None) -> LevelPart:
+    """Run the given users against the target for one level; their results."""
+    if start_at is not None:
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    recorder, cpu_before = Recorder(settings.request_timeout), time.process_time()
+    async with new_client(settings, len(user_ids)) as client:
         start = time.monotonic()
         level = Level(settings, f"{target.base_url}/v1/completions", target.model_id, client, recorder,
                       stop_at=start + settings.duration, prompts=prompts)
         user = typing_user if settings.workload == "typing" else closed_loop_user
-        user_tasks = [asyncio.create_task(user(level, i, workload)) for i in range(users)]
+        user_tasks = [asyncio.create_task(user(level, i, workload)) for i in user_ids]
         ticker = asyncio.create_task(tick(progress, start, settings.duration, recorder))
         deadline = start + settings.duration + settings.request_timeout + LEVEL_GRACE_S
         await asyncio.wait(user_tasks, timeout=deadline - time.monotonic())
@@ -796,13 +827,56 @@ async def run_level(target: Target, users: int, settings: Settings, workload, pr
         for task in leftovers:
             task.cancel()
         await asyncio.gather(*user_tasks, *level.tasks, ticker, return_exceptions=True)
+    return LevelPart(recorder, elapsed, time.process_time() - cpu_before, level.repeated_prompts if prompts else 0)
+
+
+def drive_users_in_worker(target: Target, user_ids: range, settings: Settings, workload, prompts: range,
+                          start_at: float) -> LevelPart:
+    """drive_users in a load-generator process (its own event loop)."""
+    return asyncio.run(drive_users(target, user_ids, settings, workload, prompts, start_at=start_at))
+
+
+async def drive_level(target: Target, users: int, settings: Settings, workload, prompts: range, progress,
+                      workers: ProcessPoolExecutor | None) -> list[LevelPart]:
+    """The level's users in this process, or split among the worker processes (user i in
+    process i % procs, so each user draws the same prompts however many processes run)."""
+    procs = client_process_count(settings, users) if workers is not None else 1
+    if procs == 1:
+        return [await drive_users(target, range(users), settings, workload, prompts, progress)]
+    loop, start_at = asyncio.get_running_loop(), time.monotonic() + WORKER_LEAD_S
+    ticker = asyncio.create_task(tick(progress, start_at, settings.duration, None))
+    parts = await asyncio.gather(*(
+        loop.run_in_executor(workers, drive_users_in_worker, target, range(i, users, procs),
+                             replace(settings, requests=split_requests(settings.requests, procs, i)), workload,
+                             prompts[i::procs], start_at) for i in range(procs)))
+    ticker.cancel()
+    return parts
+
+
+def merge_parts(parts: list[LevelPart]) -> tuple[Recorder, float, float]:
+    """(one recorder of every result, the longest elapsed time, the client CPU seconds)."""
+    merged = Recorder(parts[0].recorder.request_timeout)
+    for part in parts:
+        merged.sent += part.recorder.sent
+        merged.results.extend(part.recorder.results)
+    return merged, max(p.elapsed_s for p in parts), sum(p.cpu_s for p in parts)
+
+
+async def run_level(target: Target, users: int, settings: Settings, workload, progress,
+                    prompts: range = range(0), workers: ProcessPoolExecutor | None = None) -> dict:
+    cancels_before = scrape_counter(target.base_url, settings.cancel_metric, auth_headers(settings))
+    prefix_before = scrape_counters(target.base_url, PREFIX_METRICS, auth_headers(settings))
+    started_at = time.time()
+    parts = await drive_level(target, users, settings, workload, prompts, progress, workers)
+    recorder, elapsed, client_cpu_s = merge_parts(parts)
     cancels_after = scrape_counter(target.base_url, settings.cancel_metric, auth_headers(settings))
     server_cancels = None if cancels_before is None or cancels_after is None else cancels_after - cancels_before
     prefix = prefix_cache_figures(prefix_before, scrape_counters(target.base_url, PREFIX_METRICS, auth_headers(settings)))
-    stats = {**summarize(users, recorder, elapsed, server_cancels, time.process_time() - cpu_before, prefix),
-             "started_at": round(started_at, 3)}
+    stats = {**summarize(users, recorder, elapsed, server_cancels, client_cpu_s, prefix),
+             "started_at": round(started_at, 3), "client_procs": len(parts),
+             "client_bound": client_cpu_s > CLIENT_BOUND_SHARE * elapsed * len(parts)}
     if prompts:  # the independent workload
-        stats["repeated_prompts"] = level.repeated_prompts
+        stats["repeated_prompts"] = sum(p.repeated_prompts for p in parts)
     return stats
 
 
@@ -811,9 +885,10 @@ async def tick(progress, start: float, duration: float, recorder: Recorder) -> N
         return
     base = progress.n  # the levels before this one
     while True:
-        progress.n = base + min(duration, time.monotonic() - start)
-        ok = sum(r.outcome == "ok" for r in recorder.results)
-        progress.set_postfix_str(f"sent {recorder.sent} ok {ok}", refresh=False)
+        progress.n = base + min(duration, max(0.0, time.monotonic() - start))
+        if recorder is not None:  # None: the users run in other processes
+            ok = sum(r.outcome == "ok" for r in recorder.results)
+            progress.set_postfix_str(f"sent {recorder.sent} ok {ok}", refresh=False)
         progress.refresh()
         await asyncio.sleep(0.5)
 
@@ -884,7 +959,7 @@ def run_sweep(targets: list[Target], settings: Settings, workload, progress) -> 
     level), never two at once: a slow spell of this shared machine then falls on both servers'
     runs of a level, not on every level of one server, as when one server's whole sweep ran
     before the other's (four such runs on one day gave 6.2x to 10.9x at 128 users)."""
-    async def sweep() -> dict:
+    async def sweep(workers: ProcessPoolExecutor | None) -> dict:
         results = {}
         for target in targets:
             await preflight(target, settings, workload)
@@ -897,7 +972,7 @@ def run_sweep(targets: list[Target], settings: Settings, workload, progress) -> 
             for target in targets if i % 2 == 0 else targets[::-1]:
                 if progress is not None:
                     progress.set_description(f"{target.label} {users} users")
-                stats = await run_level(target, users, settings, workload, progress, share)
+                stats = await run_level(target, users, settings, workload, progress, share, workers)
                 results[target.label]["levels"].append(stats)
                 done += 1
                 if progress is not None:  # a level cut short by --requests still counts in full
@@ -906,7 +981,12 @@ def run_sweep(targets: list[Target], settings: Settings, workload, progress) -> 
                 if failure:
                     raise BenchError(f"{target.label} at {users} users: {failure}")
         return results
-    return asyncio.run(sweep())
+    procs = client_process_count(settings, max(settings.levels))
+    if procs == 1:
+        return asyncio.run(sweep(None))
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as workers:
+        list(workers.map(time.sleep, [0.5] * procs))  # start them all now, not during the first level
+        return asyncio.run(sweep(workers))
 
 
 # ----------------------------------------------------------------------------- the report
@@ -975,6 +1055,11 @@ def print_table(report: dict) -> None:
                   f"{s['rejected_503']:>6}{s['cancelled']:>7}{fmt(s['requests_per_s'], 8, 2)}"
                   f"{fmt(s['tokens_per_s'], 9)}{fmt(lat['p50'], 9)}{fmt(lat['p95'], 9)}{fmt(lat['p99'], 9)}"
                   f"{fmt(ttft['p50'], 8)}{fmt(ttft['p95'], 8)}")
+    bound = [f"{label} at {s['users']} users" for label, server in report["servers"].items()
+             for s in server["levels"] if s.get("client_bound")]
+    if bound:
+        print(f"warning: the load generator was CPU-bound ({', '.join(bound)}): those rows measure the client, "
+              f"not the server; raise --client-procs")
     print_prefix_cache(report)
     if report["ratios"]:
         baseline = {"max-batch-1": "max-batch 1", "prefix-cache": "no prefix cache", "engine-thread": "engine thread"}[report["settings"]["compare"]]

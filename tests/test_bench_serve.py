@@ -173,6 +173,32 @@ def test_sweep_counts_add_up_and_report_is_complete(server, workdir, tmp_path, c
     assert "per 1K generated tokens" in out
 
 
+def test_users_split_across_client_processes_add_up(server, workdir, tmp_path, capsys):
+    """--client-procs 2: the users run in two load-generator processes; the level merges
+    their results, and the server saw exactly what the level says was sent."""
+    before = scrape(server, "codeassist_http_requests_total", "/v1/completions")
+    code, report, out, _ = run_bench(["--url", server, "--data-dir", workdir["data"], "--levels", "1,4",
+                                      "--duration", "2", "--client-procs", "2", *SMALL_LOAD], tmp_path, capsys)
+    assert code == 0, out
+    levels = report["servers"]["engine"]["levels"]
+    assert [(s["users"], s["client_procs"]) for s in levels] == [(1, 1), (4, 2)]
+    for level in levels:
+        assert_counts_add_up(level)
+        assert level["ok"] > 0 and level["errors"] == 0 and level["client_cpu_s"] > 0
+        assert level["client_bound"] in (True, False)
+    after = scrape(server, "codeassist_http_requests_total", "/v1/completions")
+    assert after - before == sum(s["sent"] for s in levels) + 1
+
+
+def test_a_request_cap_is_shared_among_client_processes():
+    settings = bench_serve.Settings(client_procs=4, requests=6)
+    assert bench_serve.client_process_count(settings, users=128) == 4
+    assert [bench_serve.split_requests(6, 4, i) for i in range(4)] == [2, 2, 1, 1]
+    assert bench_serve.client_process_count(bench_serve.Settings(client_procs=4, requests=3), users=128) == 3
+    assert bench_serve.client_process_count(bench_serve.Settings(client_procs=4), users=2) == 2
+    assert [bench_serve.split_requests(0, 4, i) for i in range(4)] == [0, 0, 0, 0]  # no cap stays no cap
+
+
 def test_typing_cancels_superseded_requests_on_the_server(server, workdir, tmp_path, capsys):
     before = scrape(server, "codeassist_cancellations_total")
     # Keystrokes every ~25-200 ms, debounce 20-60 ms, completions of ~0.3 s or more: most
