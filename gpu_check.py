@@ -305,7 +305,7 @@ def summary(result: dict) -> str:
         if name == "http" and "report" in section:
             level = section.pop("report")["servers"]["engine"]["levels"][0]
             section = {k: level.get(k) for k in ("users", "ok", "errors", "rejected", "tokens_per_s", "latency_ms",
-                                                 "ttft_ms")}
+                                                 "ttft_ms", "client_procs", "client_bound")}
         section.pop("stderr_tail", None)
         lines.append(f"{name}: {json.dumps(section)[:600]}")
     return "\n".join(lines)

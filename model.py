@@ -12,6 +12,7 @@ embeddings). Two things differ from a textbook GPT because of where it runs:
 """
 
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 CHECKPOINT_FORMAT = 1
 IGNORE_INDEX = -1
@@ -49,9 +51,18 @@ CACHED_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_AT
 
 
 def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA for the inference paths: causal when mask is None, else the boolean mask."""
+                     mask: torch.Tensor | CausalBias | None) -> torch.Tensor:
+    """SDPA for the inference paths: causal when mask is None, else the mask or bias."""
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None)
+
+
+def prompt_mask(n_new: int, end: int) -> CausalBias | None:
+    """Attention of n_new prompt tokens at positions end-n_new..end-1 over keys 0..end-1:
+    query i sees keys 0..end-n_new+i. None (SDPA's own causal mask) when nothing is cached
+    before them; else a lower-right causal bias, which the GPU's flash and memory-efficient
+    kernels apply without a mask tensor (a boolean mask is built, converted and expanded for
+    every sequence and layer, and rules flash out). On CPU it becomes the same boolean mask."""
+    return None if n_new == end else causal_lower_right(n_new, end)
 
 
 @dataclass
@@ -378,9 +389,7 @@ class GPT(nn.Module):
         if T == 0 or start_pos < 0 or end > cache.max_len:
             raise ValueError(f"prefill of {T} tokens at {start_pos} does not fit a cache of max_len {cache.max_len}")
         positions = torch.arange(start_pos, end, device=tokens.device)
-        # With no cached prefix the mask is the plain square causal one, which SDPA
-        # handles without a mask tensor; otherwise query i sees keys 0..start_pos+i.
-        mask = None if start_pos == 0 else torch.arange(end, device=tokens.device)[None, :] <= positions[:, None]
+        mask = prompt_mask(T, end)
 
         def attend_for_layer(layer):
             def attend(q, k, v):
@@ -414,12 +423,9 @@ class GPT(nn.Module):
         device = tokens[0].device
         positions = torch.cat([torch.arange(s, e, device=device) for s, e in zip(start_positions, ends)])
         slot_ids = torch.repeat_interleave(torch.tensor(slots, device=device), torch.tensor(lengths, device=device))
-        spans = list(zip(slots, torch.tensor([0] + lengths, device=device).cumsum(0).tolist(), lengths,
-                         start_positions, ends))
-        # The same masks as prefill(): none for a fresh prompt, else query i sees keys 0..start+i.
-        masks = [None if start == 0 else
-                 torch.arange(end, device=device)[None, :] <= positions[off : off + n, None]
-                 for _, off, n, start, end in spans]
+        offsets = [0, *itertools.accumulate(lengths)][:-1]  # on the host: no device round trip
+        spans = list(zip(slots, offsets, lengths, start_positions, ends))
+        masks = [prompt_mask(n, end) for _, _, n, _, end in spans]
 
         def attend_for_layer(layer):
             def attend(q, k, v):
