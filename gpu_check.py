@@ -7,6 +7,9 @@ Sections (each timed on the same device in the same run, so the figures compare)
            + live KV bytes, over the measured device copy bandwidth)
   greedy   the engine's greedy outputs on held-out prompts: graphs vs eager, and each prompt
            alone vs in a full batch, in fp32 and bf16 (token-for-token identical counts)
+  engine   the serving engine alone (no HTTP), 128 requests in flight (closed loop), prompts of
+           128-512 held-out tokens, 64 new tokens: tokens/s and ms per step, with the server's
+           defaults, without the prefix cache, and without graphs
   hf       Hugging Face `generate` on the same architecture and batch (the reference)
   http     serve_api.py + bench_serve.py: 128 concurrent users, 64 new tokens, p50/p95, TTFT
   train    train.py under torchrun on one GPU, the 124M config: tokens/s and MFU
@@ -14,8 +17,8 @@ Sections (each timed on the same device in the same run, so the figures compare)
 Each section runs in its own process under a time limit, so a crash, a CUDA error (which
 poisons the process's context) or a hang costs that section only; the report is rewritten
 after each one, so an interrupted run keeps what it measured. A section that cannot run
-(a package missing on the machine, no dataset) records why. `--smoke` runs the decode, greedy
-and hf sections at toy sizes on CPU: that is how the tests check the plumbing without a GPU.
+(a package missing on the machine, no dataset) records why. `--smoke` runs the decode, greedy,
+engine and hf sections at toy sizes on CPU: that is how the tests check the plumbing without a GPU.
 """
 from __future__ import annotations
 
@@ -37,8 +40,8 @@ from tokenizer import TOKENIZER_NAME
 
 GPT2_124M = GPTConfig()  # the defaults are GPT-2 124M (12 x 768, context 1024, padded vocab)
 TOY = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128)
-SECTIONS = ("decode", "greedy", "hf", "http", "train")
-SECTION_TIMEOUT_S = {"decode": 120, "greedy": 100, "hf": 90, "http": 180, "train": 240}
+SECTIONS = ("decode", "greedy", "engine", "hf", "http", "train")
+SECTION_TIMEOUT_S = {"decode": 120, "greedy": 100, "engine": 120, "hf": 90, "http": 180, "train": 240}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -164,6 +167,56 @@ def greedy_section(ckpt: str, data_dir: str, device: torch.device, dtypes: list[
     return result
 
 
+def varied_prompts(data_dir: str, n: int, lengths: tuple[int, int], vocab: int, seed: int = 0) -> list[list[int]]:
+    """n held-out prompts of random lengths in the range, from random places in val.bin."""
+    rng = np.random.default_rng(seed)
+    path = os.path.join(data_dir, "val.bin")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r") if os.path.isfile(path) else \
+        rng.integers(0, vocab, 100_000).astype(np.uint16)
+    sizes = rng.integers(lengths[0], lengths[1] + 1, n)
+    starts = rng.integers(0, len(tokens) - lengths[1], n)
+    return [tokens[s : s + k].astype(np.int64).tolist() for s, k in zip(starts, sizes)]
+
+
+def closed_loop_tokens_per_s(model, config, prompts: list[list[int]], in_flight: int, new_tokens: int) -> dict:
+    """The engine driven step by step (as engine_process.py does), keeping `in_flight`
+    requests running until the prompts run out."""
+    from engine import Engine, SamplingParams
+    engine = Engine(model, config)
+    engine.prepare()
+    params, waiting = SamplingParams(max_tokens=new_tokens, temperature=0.0), list(prompts)
+    running = [engine.submit(waiting.pop(), params) for _ in range(min(in_flight, len(waiting)))]
+    tokens, steps, started = 0, 0, time.perf_counter()
+    while not engine.idle:
+        engine.step()
+        steps += 1
+        for handle in [h for h in running if h.done]:
+            tokens += handle.result().completion_tokens
+            running.remove(handle)
+            if waiting:
+                running.append(engine.submit(waiting.pop(), params))
+    seconds = time.perf_counter() - started
+    return {"tok_s": round(tokens / seconds, 1), "ms_per_step": round(seconds * 1000 / steps, 3), "steps": steps,
+            "tokens": tokens}
+
+
+def engine_section(config: GPTConfig, device: torch.device, dtype: torch.dtype, data_dir: str, in_flight: int,
+                   n_requests: int, new_tokens: int) -> dict:
+    from engine import EngineConfig, default_prefill_chunk
+    model = random_model(config, device, dtype)
+    longest = min(512, config.block_size - new_tokens)  # 128-512 tokens, as make bench sends; less on a toy model
+    prompts = varied_prompts(data_dir, n_requests, (min(128, longest // 2), longest), config.vocab_size)
+    base = dict(max_batch=in_flight, max_waiting=n_requests, max_queue_wait_s=600.0,
+                prefill_chunk=default_prefill_chunk(device))
+    result = {"in_flight": in_flight, "requests": n_requests, "new_tokens": new_tokens,
+              "prefill_chunk": base["prefill_chunk"]}
+    for name, options in {"default": {}, "no_prefix_cache": dict(prefix_cache=False),
+                          "no_graphs": dict(cuda_graphs=False)}.items():
+        result[name] = closed_loop_tokens_per_s(model, EngineConfig(**base, **options), prompts, in_flight, new_tokens)
+        print(f"engine {name}: {result[name]}", flush=True)
+    return result
+
+
 def hf_section(config: GPTConfig, device: torch.device, dtype: torch.dtype, batch: int, prompt_len: int,
                new_tokens: int) -> dict:
     """Hugging Face generate (greedy, KV cache) on the same architecture: ms per decode step
@@ -248,6 +301,9 @@ def run_section(name: str, args) -> dict:
         dtypes = [torch.float32] if args.smoke else [torch.float32, torch.bfloat16]
         return greedy_section(args.ckpt, args.data_dir, device, dtypes, 4 if args.smoke else 16,
                               4 if args.smoke else 48)
+    if name == "engine":
+        return engine_section(config, device, dtype, args.data_dir, 4 if args.smoke else 128,
+                              8 if args.smoke else 256, 4 if args.smoke else 64)
     if name == "hf":
         return hf_section(config, device, dtype, 4 if args.smoke else 128, 16 if args.smoke else 256,
                           4 if args.smoke else 64)
@@ -300,7 +356,7 @@ def summary(result: dict) -> str:
         lines.append(f"decode b{row['batch']:<4d} ctx{row['context']:<5d} " + "  ".join(
             f"{k.removesuffix('_tok_s')} {v:>10,.0f} tok/s" for k, v in row.items() if k.endswith("_tok_s"))
             + f"  floor {row['floor_ms']:.3f} ms")
-    for name in ("greedy", "hf_generate", "http", "train"):
+    for name in ("greedy", "engine", "hf_generate", "http", "train"):
         section = dict(result.get(name, {}))
         if name == "http" and "report" in section:
             level = section.pop("report")["servers"]["engine"]["levels"][0]

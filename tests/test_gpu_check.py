@@ -12,9 +12,9 @@ import gpu_check
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_smoke_run_writes_a_report_with_every_decode_greedy_and_reference_field(tmp_path, capsys):
+def test_smoke_run_writes_a_report_with_every_section_field(tmp_path, capsys):
     """Each section runs in its own process (a CUDA error must not take the others down)."""
-    assert gpu_check.main(["--smoke", "--sections", "decode,greedy,hf", "--out-dir", str(tmp_path),
+    assert gpu_check.main(["--smoke", "--sections", "decode,greedy,engine,hf", "--out-dir", str(tmp_path),
                            "--ckpt", str(tmp_path / "none.pt"), "--data-dir", str(tmp_path)]) == 0
     [report_file] = [f for f in os.listdir(tmp_path) if f.startswith("gpu-cpu-") and f.endswith(".json")]
     report = json.loads((tmp_path / report_file).read_text())
@@ -32,7 +32,11 @@ def test_smoke_run_writes_a_report_with_every_decode_greedy_and_reference_field(
     assert greedy["model"] == "random toy weights" and greedy["prompts"] == "random ids"
     assert greedy["float32"] == {"graphs": False, "graphs_vs_eager_identical": 4, "alone_vs_batched_identical": 4,
                                  "of": 4}
-    assert all(report[name]["section_s"] > 0 for name in ("decode", "greedy", "hf_generate"))
+    engine = report["engine"]
+    assert (engine["in_flight"], engine["requests"], engine["new_tokens"], engine["prefill_chunk"]) == (4, 8, 4, 512)
+    for variant in ("default", "no_prefix_cache", "no_graphs"):  # every request ran to its token limit
+        assert engine[variant]["tokens"] == 8 * 4 and engine[variant]["tok_s"] > 0 and engine[variant]["steps"] >= 4
+    assert all(report[name]["section_s"] > 0 for name in ("decode", "greedy", "engine", "hf_generate"))
     printed = capsys.readouterr().out
     assert "decode b4    ctx96" in printed and "greedy: " in printed
 
