@@ -36,7 +36,7 @@ import torch
 
 from cuda_graphs import DecodeGraphs
 from model import GPT, GPTConfig, load_checkpoint, model_checkpoint, save_checkpoint
-from tokenizer import TOKENIZER_NAME
+from tokenizer import N_VOCAB, TOKENIZER_NAME
 
 GPT2_124M = GPTConfig()  # the defaults are GPT-2 124M (12 x 768, context 1024, padded vocab)
 TOY = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=128)
@@ -120,7 +120,7 @@ def decode_section(config: GPTConfig, device: torch.device, dtype: torch.dtype, 
 
 
 def held_out_prompts(data_dir: str, n: int, length: int, vocab: int) -> tuple[list[list[int]], str]:
-    """n prompts of `length` tokens, evenly spaced through val.bin (random ids without it)."""
+    """n prompts of `length` tokens, evenly spaced through val.bin (random ids below vocab without it)."""
     path = os.path.join(data_dir, "val.bin")
     if os.path.isfile(path):
         tokens = np.memmap(path, dtype=np.uint16, mode="r")
@@ -150,8 +150,7 @@ def greedy_section(ckpt: str, data_dir: str, device: torch.device, dtypes: list[
         source = ckpt
     else:
         model, source = random_model(TOY, device, torch.float32), "random toy weights"
-    prompts, prompt_source = held_out_prompts(data_dir, n_prompts, min(192, model.config.block_size // 2),
-                                              model.config.vocab_size)
+    prompts, prompt_source = held_out_prompts(data_dir, n_prompts, min(192, model.config.block_size // 2), N_VOCAB)
     result = {"model": source, "prompts": prompt_source, "n_prompts": n_prompts, "new_tokens": new_tokens}
     graphs = device.type == "cuda"
     for dtype in dtypes:
@@ -205,7 +204,7 @@ def engine_section(config: GPTConfig, device: torch.device, dtype: torch.dtype, 
     from engine import EngineConfig, default_prefill_chunk
     model = random_model(config, device, dtype)
     longest = min(512, config.block_size - new_tokens)  # 128-512 tokens, as make bench sends; less on a toy model
-    prompts = varied_prompts(data_dir, n_requests, (min(128, longest // 2), longest), config.vocab_size)
+    prompts = varied_prompts(data_dir, n_requests, (min(128, longest // 2), longest), N_VOCAB)
     base = dict(max_batch=in_flight, max_waiting=n_requests, max_queue_wait_s=600.0,
                 prefill_chunk=default_prefill_chunk(device))
     result = {"in_flight": in_flight, "requests": n_requests, "new_tokens": new_tokens,
