@@ -35,14 +35,15 @@ IGNORE_INDEX = -1
 LOSS_CHUNK_ROWS = 256  # measured: 256 rows 1.18 s vs 1024 rows 1.62 s per compiled 8x256 bf16 step (1 thread)
 # On a GPU each chunk re-reads the (vocab, C) weight three times and adds to an fp32 copy of
 # its gradient, ~0.55 GB of traffic per chunk at 124M: 256-row chunks would make the loss of
-# a 16x1024 batch memory-bound (64 chunks, ~35 GB). 8192 rows: two chunks, 1.6 GB of fp32 logits.
+# a 16x1024 batch memory-bound (64 chunks, ~35 GB; counted, not timed). 8192 rows: two chunks,
+# 1.6 GB of fp32 logits (the H100 run in README, "GPU", used this).
 LOSS_CHUNK_ROWS_GPU = 8192
 
 
 # Attention over the KV cache (prefill, decode) keeps cuDNN's kernel out: cuDNN builds an
 # execution plan for every new shape, ~2.5 ms of host time per call (H200, torch 2.11: 17.4 s
-# of a 19.3 s engine run, profiled by scratch work for `make gpu-check`), and serving shapes
-# change at every step. These kernels take any shape at no setup cost. The choice is made
+# of a 19.3 s engine run under cProfile; README, "GPU"), and serving shapes change at every
+# step. These kernels take any shape at no setup cost. The choice is made
 # once per model call (_hidden_states), not per attention call: entering sdpa_kernel costs
 # ~37 us of host time (H100 host, profiled), 12 layers x every sequence of a prefill. The
 # switch is process-wide; two engines in one process (tests) could race on it, which would
