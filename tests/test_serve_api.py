@@ -441,8 +441,10 @@ def test_drain_timeout_aborts_what_is_left_with_an_in_band_error(checkpoints):
         elapsed = time.monotonic() - started
         client.close()
         assert srv.runtime.engine.num_running == 0
+    # "aborted", not finish_reason "length": the drain bound cut the stream before its 1000 tokens.
     assert rest[-1] == "[DONE]" and json.loads(rest[-2])["error"]["code"] == "aborted", rest[-2:]
-    assert elapsed < 1.5  # the bound held: the stream did not run to its 1000 tokens
+    assert all('"finish_reason":"length"' not in line for line in rest)
+    assert elapsed < 5.0  # and promptly (0.3 s bound; generous for a loaded 2-core machine)
 
 
 def test_a_dead_engine_process_fails_health_and_requests_but_not_the_server(checkpoints):
