@@ -30,9 +30,12 @@ from dataclasses import dataclass
 
 import torch
 
-from model import KVCache
+from model import ANY_ATTENTION_BACKENDS, CACHED_ATTENTION_BACKENDS, KVCache
 
 IN_PLACE, GATHER = "in_place", "gather"
+# The SDPA kernels a captured step may use: "portable" is what every other path uses; "any"
+# adds cuDNN's, whose per-shape plan a graph pays once, at capture.
+GRAPH_ATTENTION = {"portable": CACHED_ATTENTION_BACKENDS, "any": ANY_ATTENTION_BACKENDS}
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -76,11 +79,14 @@ class DecodeGraphs:
     sync; it returns float32 logits (len(tokens), V) on the model's device, row i for input
     i. With capture=True (CUDA only) each shape is captured on first use, or ahead of time
     by capture_all(), and replayed after. in_place=False keeps to the gather layout (the
-    benchmark's comparison).
+    benchmark's comparison). attention: the SDPA kernels the steps may use, one of
+    GRAPH_ATTENTION.
     """
 
     def __init__(self, model, cache: KVCache, max_batch: int, window_step: int = 64, capture: bool = True,
-                 in_place: bool = True):
+                 in_place: bool = True, attention: str = "portable"):
+        if attention not in GRAPH_ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(GRAPH_ATTENTION)}, not {attention!r}")
         if cache.n_slots < max_batch + 1:
             raise ValueError(f"the cache needs a spare slot for padding rows: {cache.n_slots} slots "
                              f"for max_batch {max_batch}")
@@ -88,6 +94,7 @@ class DecodeGraphs:
         if capture and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
         self.model, self.cache, self.capture, self.in_place = model, cache, capture, in_place
+        self.attention_backends = GRAPH_ATTENTION[attention]
         self.max_batch = max_batch
         self.batch_sizes = batch_buckets(max_batch)
         self.windows = window_buckets(cache.max_len, window_step)
@@ -182,10 +189,9 @@ class DecodeGraphs:
     def _run(self, shape: StepShape) -> torch.Tensor:
         rows = shape.rows
         tokens, slots, positions = self._inputs[0, :rows], self._inputs[1, :rows], self._inputs[2, :rows]
-        if shape.layout == IN_PLACE:  # row i reads cache row i in place (and writes to slots[i])
-            return self.model.decode(tokens, self.cache, slots, positions, window=shape.window,
-                                     slot_range=(0, rows))
-        return self.model.decode(tokens, self.cache, slots, positions, window=shape.window)
+        slot_range = (0, rows) if shape.layout == IN_PLACE else None  # in place: row i reads cache row i
+        return self.model.decode(tokens, self.cache, slots, positions, window=shape.window, slot_range=slot_range,
+                                 backends=self.attention_backends)
 
     def _capture(self, shape: StepShape) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (first calls allocate and pick kernels), then capture.

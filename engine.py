@@ -35,7 +35,7 @@ from typing import AsyncIterator
 
 import torch
 
-from cuda_graphs import DecodeGraphs
+from cuda_graphs import GRAPH_ATTENTION, DecodeGraphs
 from prefix_cache import PrefixCache
 from tokenizer import DEFAULT_FIM_LAYOUT, EOT_ID, FIM_LAYOUTS, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, fim_ids, load_tokenizer
 
@@ -89,6 +89,11 @@ class EngineConfig:
     # batch bucket and per attention-window bucket of graph_window_step positions.
     cuda_graphs: bool = True
     graph_window_step: int = 64
+    # The SDPA kernels captured decode steps may use (cuda_graphs.GRAPH_ATTENTION): "portable"
+    # (flash, memory-efficient, math: what every other path uses) or "any" (PyTorch's own
+    # choice, cuDNN's included). gpu_check.py measures both; "any" waits for a side-by-side
+    # figure and a greedy check on a GPU.
+    graph_attention: str = "portable"
 
 
 def default_prefill_chunk(device) -> int:
@@ -642,8 +647,8 @@ class ModelRunner:
         # Graph replays pad the batch with rows that write to one spare slot no request owns.
         n_slots = config.max_batch + int(use_graphs)
         self.cache = model.allocate_kv_cache(n_slots, max_context, device=device)  # model's dtype
-        self.graphs = (DecodeGraphs(model, self.cache, config.max_batch, config.graph_window_step)
-                       if use_graphs else None)
+        self.graphs = (DecodeGraphs(model, self.cache, config.max_batch, config.graph_window_step,
+                                    attention=config.graph_attention) if use_graphs else None)
         self.prefix_cache = None
         if config.prefix_cache and self.cache is not None:  # None: a stand-in model without KV
             self.prefix_cache = PrefixCache.sized(self.cache, config.prefix_block_tokens, config.prefix_cache_mb,
@@ -799,6 +804,9 @@ class Engine:
             raise ValueError(f"max_context {self.max_context} must be in 2..block_size ({block_size})")
         if config.max_batch < 1 or config.prefill_chunk < 1 or config.max_waiting < 0:
             raise ValueError(f"invalid engine config {config}")
+        if config.graph_attention not in GRAPH_ATTENTION:
+            raise ValueError(f"graph_attention must be one of {', '.join(GRAPH_ATTENTION)}, "
+                             f"not {config.graph_attention!r}")
         self.config = config
         self.max_batch = config.max_batch
         self.model_id = "code-assistant"

@@ -3,10 +3,12 @@
 Sections (each timed on the same device in the same run, so the figures compare):
   decode   ms/step and tokens/s of the 124M architecture (random bf16 weights) at batch 1,
            32, 128, 256 and contexts ~320 and ~1024: eager, CUDA graphs with gathered KV
-           windows, CUDA graphs reading the KV in place; beside the memory floor (weight bytes
-           + live KV bytes, over the measured device copy bandwidth)
-  greedy   the engine's greedy outputs on held-out prompts: graphs vs eager, and each prompt
-           alone vs in a full batch, in fp32 and bf16 (token-for-token identical counts)
+           windows, CUDA graphs reading the KV in place, and the same with any SDPA kernel
+           (cuDNN's included); beside the memory floor (weight bytes + live KV bytes, over
+           the measured device copy bandwidth)
+  greedy   the engine's greedy outputs on held-out prompts: graphs vs eager, each prompt
+           alone vs in a full batch, and graphs with any SDPA kernel vs eager, in fp32 and
+           bf16 (token-for-token identical counts)
   engine   the serving engine alone (no HTTP), 128 requests in flight (closed loop), prompts of
            128-512 held-out tokens, 64 new tokens: tokens/s and ms per step, with the server's
            defaults, without the prefix cache, and without graphs
@@ -88,7 +90,8 @@ def decode_variants(device: torch.device) -> dict[str, dict]:
     """DecodeGraphs settings compared per row; graphs need CUDA."""
     variants = {"eager": dict(capture=False, in_place=True)}
     if device.type == "cuda":
-        variants.update(graphs_gather=dict(capture=True, in_place=False), graphs=dict(capture=True, in_place=True))
+        variants.update(graphs_gather=dict(capture=True, in_place=False), graphs=dict(capture=True, in_place=True),
+                        graphs_any_sdpa=dict(capture=True, in_place=True, attention="any"))
     return variants
 
 
@@ -130,10 +133,12 @@ def held_out_prompts(data_dir: str, n: int, length: int, vocab: int) -> tuple[li
     return torch.randint(0, vocab, (n, length), generator=generator).tolist(), "random ids"
 
 
-def greedy_outputs(model, prompts: list[list[int]], new_tokens: int, graphs: bool, alone: bool) -> list[list[int]]:
+def greedy_outputs(model, prompts: list[list[int]], new_tokens: int, graphs: bool, alone: bool,
+                   graph_attention: str = "portable") -> list[list[int]]:
     """Greedy completions from one engine: all prompts batched together, or one at a time."""
     from engine import Engine, EngineConfig, SamplingParams
-    engine = Engine(model, EngineConfig(max_batch=len(prompts), cuda_graphs=graphs, prefix_cache=False))
+    engine = Engine(model, EngineConfig(max_batch=len(prompts), cuda_graphs=graphs, prefix_cache=False,
+                                        graph_attention=graph_attention))
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0)
     try:
         if alone:
@@ -158,10 +163,12 @@ def greedy_section(ckpt: str, data_dir: str, device: torch.device, dtypes: list[
         batched = greedy_outputs(model, prompts, new_tokens, graphs, alone=False)
         eager = greedy_outputs(model, prompts, new_tokens, False, alone=False)
         alone = greedy_outputs(model, prompts, new_tokens, graphs, alone=True)
+        any_sdpa = greedy_outputs(model, prompts, new_tokens, graphs, alone=False, graph_attention="any")
         same = lambda a, b: sum(x == y for x, y in zip(a, b))  # noqa: E731
         result[str(dtype).removeprefix("torch.")] = {
             "graphs": graphs, "graphs_vs_eager_identical": same(batched, eager),
-            "alone_vs_batched_identical": same(alone, batched), "of": n_prompts}
+            "alone_vs_batched_identical": same(alone, batched),
+            "graphs_any_sdpa_vs_eager_identical": same(any_sdpa, eager), "of": n_prompts}
         print(f"greedy {dtype}: {result[str(dtype).removeprefix('torch.')]}", flush=True)
     return result
 

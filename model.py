@@ -49,6 +49,10 @@ LOSS_CHUNK_ROWS_GPU = 8192
 # switch is process-wide; two engines in one process (tests) could race on it, which would
 # change a kernel's speed, never the function computed.
 CACHED_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# PyTorch's own choice among every kernel, cuDNN's included: for decode steps captured in a
+# CUDA graph, where each shape's plan is built once, at capture (cuda_graphs.py; measured
+# faster there on an H100, though not side by side: README, "GPU").
+ANY_ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *CACHED_ATTENTION_BACKENDS]
 
 
 def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -318,11 +322,12 @@ class GPT(nn.Module):
 
     # ---- training
 
-    def _hidden_states(self, idx: torch.Tensor, positions: torch.Tensor, attend_for_layer=None) -> torch.Tensor:
+    def _hidden_states(self, idx: torch.Tensor, positions: torch.Tensor, attend_for_layer=None,
+                       backends: list[SDPBackend] | None = None) -> torch.Tensor:
         """Final hidden states; attend_for_layer(layer) gives the inference paths' cached
-        attention, which runs on CACHED_ATTENTION_BACKENDS."""
+        attention, which runs on `backends` (default CACHED_ATTENTION_BACKENDS)."""
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(positions))
-        with sdpa_kernel(CACHED_ATTENTION_BACKENDS) if attend_for_layer else contextlib.nullcontext():
+        with sdpa_kernel(backends or CACHED_ATTENTION_BACKENDS) if attend_for_layer else contextlib.nullcontext():
             for layer, block in enumerate(self.transformer.h):
                 x = block(x, attend_for_layer(layer) if attend_for_layer else None)
         return self.transformer.ln_f(x)
@@ -445,9 +450,11 @@ class GPT(nn.Module):
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
-               window: int | None = None, slot_range: tuple[int, int] | None = None) -> torch.Tensor:
+               window: int | None = None, slot_range: tuple[int, int] | None = None,
+               backends: list[SDPBackend] | None = None) -> torch.Tensor:
         """One new token per row: row i is tokens[i] at position positions[i] of slot slots[i].
-        Rows may be at different positions. Returns float32 logits (B, V).
+        Rows may be at different positions. Returns float32 logits (B, V). backends: the
+        SDPA kernels attention may use (default CACHED_ATTENTION_BACKENDS).
 
         Attention reads cache positions 0..window-1 of each row's slot. Left out, window is
         the live part, max(positions) + 1, at the cost of one host sync; a caller that knows
@@ -489,7 +496,7 @@ class GPT(nn.Module):
                 return cached_attention(q_rows, keys, values, mask).index_select(0, offsets)
             return attend
 
-        x = self._hidden_states(tokens[:, None], positions[:, None], attend_for_layer)
+        x = self._hidden_states(tokens[:, None], positions[:, None], attend_for_layer, backends)
         return self._output_logits(x[:, 0])
 
     def set_output_dtype(self, dtype: torch.dtype | None) -> None:

@@ -94,6 +94,21 @@ def test_the_layout_follows_how_far_the_live_slots_spread():
     assert {s.rows for s in shapes if s.layout == GATHER} == {1, 2, 4, 8, 16, 32}
 
 
+def test_any_sdpa_kernel_computes_the_same_step(tiny):
+    """attention="any" only widens the kernels PyTorch may pick (cuDNN's, on a GPU)."""
+    torch.manual_seed(4)
+    prompts = {0: torch.randint(0, 500, (9,)).tolist(), 1: torch.randint(0, 500, (17,)).tolist()}
+    caches = [prefilled(tiny, prompts, 3, 64) for _ in range(2)]
+    steps = [DecodeGraphs(tiny, cache, max_batch=2, window_step=16, capture=False, attention=attention)
+             for cache, attention in zip(caches, ("portable", "any"))]
+    portable, any_kernel = (g.decode([5, 6], [0, 1], [9, 17]) for g in steps)
+    assert torch.allclose(portable, any_kernel, atol=1e-6)
+    with pytest.raises(ValueError, match="attention must be one of portable, any"):
+        DecodeGraphs(tiny, caches[0], max_batch=2, capture=False, attention="fastest")
+    with pytest.raises(ValueError, match="graph_attention must be one of"):
+        Engine(tiny, EngineConfig(max_batch=2, graph_attention="fastest"))
+
+
 def test_decode_graphs_refuse_what_they_cannot_do(tiny):
     cache = tiny.allocate_kv_cache(4, 32, device="cpu")
     with pytest.raises(ValueError, match="spare slot"):

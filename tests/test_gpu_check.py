@@ -31,7 +31,7 @@ def test_smoke_run_writes_a_report_with_every_section_field(tmp_path, capsys):
     greedy = report["greedy"]
     assert greedy["model"] == "random toy weights" and greedy["prompts"] == "random ids"
     assert greedy["float32"] == {"graphs": False, "graphs_vs_eager_identical": 4, "alone_vs_batched_identical": 4,
-                                 "of": 4}
+                                 "graphs_any_sdpa_vs_eager_identical": 4, "of": 4}
     engine = report["engine"]
     assert (engine["in_flight"], engine["requests"], engine["new_tokens"], engine["prefill_chunk"]) == (4, 8, 4, 512)
     for variant in ("default", "no_prefix_cache", "no_graphs"):  # every request ran to its token limit
