@@ -36,6 +36,7 @@ from typing import AsyncIterator
 import torch
 
 from cuda_graphs import GRAPH_ATTENTION, DecodeGraphs
+from model import host_to_device
 from prefix_cache import PrefixCache
 from tokenizer import DEFAULT_FIM_LAYOUT, EOT_ID, FIM_LAYOUTS, FIM_MIDDLE_ID, FIM_PREFIX_ID, FIM_SUFFIX_ID, fim_ids, load_tokenizer
 
@@ -328,7 +329,7 @@ class TokenHealer:
         prefixes = [self._id_of[remaining[:n]] for n in range(1, len(remaining)) if remaining[:n] in self._id_of]
         if not prefixes:
             return self._sorted_ids[lo:hi]
-        return torch.cat([self._sorted_ids[lo:hi], torch.tensor(prefixes, device=self._device)])
+        return torch.cat([self._sorted_ids[lo:hi], host_to_device(torch.tensor(prefixes), self._device)])
 
     def advance(self, remaining: bytes, token_id: int) -> bytes:
         """The bytes still to match after token_id (which allowed_ids admitted)."""
@@ -615,14 +616,6 @@ def first_argmax(logits: torch.Tensor, block: int = 128) -> torch.Tensor:
     return best * block + blocks[torch.arange(rows), best].argmax(dim=-1)
 
 
-def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on device without a sync: a copy from pageable memory makes the
-    host wait for the GPU's queued work; from pinned memory it is queued behind it."""
-    if device.type != "cuda":
-        return values.to(device)
-    return values.pin_memory().to(device, non_blocking=True)
-
-
 def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Index per row where the cumulative mass first exceeds u * total (u in [0, 1))."""
     cdf = probs.cumsum(dim=-1)
@@ -680,8 +673,11 @@ class ModelRunner:
         """Feed the next n_tokens of each planned sequence's prompt, all in one model call
         (many short prompts each in its own call spent most of the time in per-call
         overhead); logits (n, V) after the last token of each chunk."""
-        tokens = [torch.tensor(seq.prompt[seq.num_cached : seq.num_cached + n], dtype=torch.long,
-                               device=self.device) for seq, n in plan]
+        # One host-to-device copy for all chunks, split on the device (a copy per chunk from
+        # pageable memory would each wait for the GPU's queued work).
+        chunks = [seq.prompt[seq.num_cached : seq.num_cached + n] for seq, n in plan]
+        packed = host_to_device(torch.tensor([t for chunk in chunks for t in chunk], dtype=torch.long), self.device)
+        tokens = list(packed.split([len(chunk) for chunk in chunks]))
         slots = [seq.slot for seq, _ in plan]
         starts = [seq.num_cached for seq, _ in plan]
         if hasattr(self.model, "prefill_batch"):
@@ -703,8 +699,7 @@ class ModelRunner:
             # Known here, so no device sync: the live window, and the run of cache rows the
             # (ascending: see Engine._step) slots lie in. Attention reads that run in place
             # unless it is over twice the batch: then gathering the rows' windows reads less.
-            tokens_t, slots_t, positions_t = (torch.tensor(v, dtype=torch.long, device=self.device)
-                                              for v in (tokens, slots, positions))
+            tokens_t, slots_t, positions_t = host_to_device(torch.tensor([tokens, slots, positions]), self.device)
             run = (slots[0], slots[-1] + 1)
             logits = self.model.decode(tokens_t, self.cache, slots_t, positions_t, window=max(positions) + 1,
                                        slot_range=run if run[1] - run[0] <= 2 * len(slots) else None)

@@ -55,6 +55,14 @@ CACHED_ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_AT
 ANY_ATTENTION_BACKENDS = [SDPBackend.CUDNN_ATTENTION, *CACHED_ATTENTION_BACKENDS]
 
 
+def host_to_device(values: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on device without a sync: a copy from pageable memory makes the
+    host wait for the GPU's queued work; from pinned memory it is queued behind it."""
+    if torch.device(device).type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def cached_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                      mask: torch.Tensor | CausalBias | None) -> torch.Tensor:
     """SDPA for the inference paths: causal when mask is None, else the mask or bias."""
@@ -427,10 +435,13 @@ class GPT(nn.Module):
             raise ValueError(f"prefill of {lengths} tokens at {start_positions} does not fit a cache "
                              f"of max_len {cache.max_len}")
         device = tokens[0].device
-        positions = torch.cat([torch.arange(s, e, device=device) for s, e in zip(start_positions, ends)])
-        slot_ids = torch.repeat_interleave(torch.tensor(slots, device=device), torch.tensor(lengths, device=device))
-        offsets = [0, *itertools.accumulate(lengths)][:-1]  # on the host: no device round trip
-        spans = list(zip(slots, offsets, lengths, start_positions, ends))
+        # Index tensors are built on the host and copied in once each: no device round trip
+        # (repeat_interleave with device counts, or a pageable copy, would wait for the GPU).
+        offsets = [0, *itertools.accumulate(lengths)]
+        positions = host_to_device(torch.cat([torch.arange(s, e) for s, e in zip(start_positions, ends)]), device)
+        slot_ids = host_to_device(torch.tensor(slots).repeat_interleave(torch.tensor(lengths)), device)
+        last = host_to_device(torch.tensor(offsets[1:]) - 1, device)  # each sequence's last packed token
+        spans = list(zip(slots, offsets[:-1], lengths, start_positions, ends))
         masks = [prompt_mask(n, end) for _, _, n, _, end in spans]
 
         def attend_for_layer(layer):
@@ -445,7 +456,6 @@ class GPT(nn.Module):
             return attend
 
         x = self._hidden_states(torch.cat(tokens)[None, :], positions, attend_for_layer)
-        last = torch.tensor(lengths, device=device).cumsum(0) - 1  # each sequence's last packed token
         return self._output_logits(x[0, last])
 
     @torch.inference_mode()

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model import host_to_device
+
 ROOT_KEY = 0  # the chain hash "parent" of a prompt's first block
 MIB = 1 << 20
 
@@ -163,7 +165,7 @@ class BlockPool:
     def save(self, cache, slot: int, first_block: int, rows: list[int]) -> None:
         """Copy the slot's blocks first_block, first_block+1, ... into pool rows `rows`."""
         start, n = first_block * self.block_tokens, len(rows)
-        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        index = host_to_device(torch.tensor(rows, dtype=torch.long), self.k.device)
         for src, pool in ((cache.k, self.k), (cache.v, self.v)):
             span = src[:, slot, :, start : start + n * self.block_tokens]  # (L, H, n*bt, D)
             pool[:, index] = span.unflatten(2, (n, self.block_tokens)).transpose(1, 2)
@@ -171,7 +173,7 @@ class BlockPool:
     def load(self, cache, slot: int, first_block: int, rows: list[int]) -> None:
         """Copy pool rows `rows` into the slot as its blocks first_block, first_block+1, ..."""
         start, n = first_block * self.block_tokens, len(rows)
-        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        index = host_to_device(torch.tensor(rows, dtype=torch.long), self.k.device)
         for pool, dst in ((self.k, cache.k), (self.v, cache.v)):
             blocks = pool.index_select(1, index)  # (L, n, H, bt, D)
             dst[:, slot, :, start : start + n * self.block_tokens] = blocks.transpose(1, 2).flatten(2, 3)
