@@ -170,9 +170,9 @@ class DecodeGraphs:
             copied.synchronize()  # its previous copy must have left before we overwrite it
         n = len(tokens)
         staging[0].zero_(), staging[1].fill_(self.padding_slot), staging[2].zero_()
-        rows = torch.tensor(slots) if shape.layout == IN_PLACE else torch.arange(n)
-        staging[0, rows], staging[1, rows], staging[2, rows] = (torch.tensor(tokens), torch.tensor(slots),
-                                                                torch.tensor(positions))
+        slots_t = torch.tensor(slots)
+        rows = slots_t if shape.layout == IN_PLACE else torch.arange(n)
+        staging[0, rows], staging[1, rows], staging[2, rows] = torch.tensor(tokens), slots_t, torch.tensor(positions)
         staging[3, :n] = rows
         self._inputs.copy_(staging, non_blocking=True)
         if staging.is_pinned():

@@ -10,8 +10,9 @@ Sections (each timed on the same device in the same run, so the figures compare)
            alone vs in a full batch, and graphs with any SDPA kernel vs eager, in fp32 and
            bf16 (token-for-token identical counts)
   engine   the serving engine alone (no HTTP), 128 requests in flight (closed loop), prompts of
-           128-512 held-out tokens, 64 new tokens: tokens/s and ms per step, with the server's
-           defaults, without the prefix cache, and without graphs
+           128-512 held-out tokens, 64 new tokens: tokens/s, ms per step and graph-capture
+           time, with the server's defaults, a 512-token prefill chunk, without the prefix
+           cache, and without graphs
   hf       Hugging Face `generate` on the same architecture and batch (the reference)
   http     serve_api.py + bench_serve.py: 128 concurrent users, 64 new tokens, p50/p95, TTFT
   train    train.py under torchrun on one GPU, the 124M config: tokens/s and MFU
@@ -122,15 +123,18 @@ def decode_section(config: GPTConfig, device: torch.device, dtype: torch.dtype, 
             "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1), "rows": rows}
 
 
-def held_out_prompts(data_dir: str, n: int, length: int, vocab: int) -> tuple[list[list[int]], str]:
-    """n prompts of `length` tokens, evenly spaced through val.bin (random ids below vocab without it)."""
+def held_out_prompts(data_dir: str, n: int, lengths: tuple[int, int], seed: int = 0) -> tuple[list[list[int]], str]:
+    """(n prompts of lengths in the range from seeded random places in val.bin, where they
+    came from); random token ids when there is no val.bin."""
+    rng = np.random.default_rng(seed)
     path = os.path.join(data_dir, "val.bin")
     if os.path.isfile(path):
-        tokens = np.memmap(path, dtype=np.uint16, mode="r")
-        starts = np.linspace(0, len(tokens) - length - 1, n).astype(np.int64)
-        return [tokens[s : s + length].astype(np.int64).tolist() for s in starts], path
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, vocab, (n, length), generator=generator).tolist(), "random ids"
+        tokens, source = np.memmap(path, dtype=np.uint16, mode="r"), path
+    else:
+        tokens, source = rng.integers(0, N_VOCAB, 100_000).astype(np.uint16), "random ids"
+    sizes = rng.integers(lengths[0], lengths[1] + 1, n)
+    starts = rng.integers(0, len(tokens) - lengths[1], n)
+    return [tokens[s : s + k].astype(np.int64).tolist() for s, k in zip(starts, sizes)], source
 
 
 def greedy_outputs(model, prompts: list[list[int]], new_tokens: int, graphs: bool, alone: bool,
@@ -155,7 +159,8 @@ def greedy_section(ckpt: str, data_dir: str, device: torch.device, dtypes: list[
         source = ckpt
     else:
         model, source = random_model(TOY, device, torch.float32), "random toy weights"
-    prompts, prompt_source = held_out_prompts(data_dir, n_prompts, min(192, model.config.block_size // 2), N_VOCAB)
+    length = min(192, model.config.block_size // 2)
+    prompts, prompt_source = held_out_prompts(data_dir, n_prompts, (length, length))
     result = {"model": source, "prompts": prompt_source, "n_prompts": n_prompts, "new_tokens": new_tokens}
     graphs = device.type == "cuda"
     for dtype in dtypes:
@@ -173,23 +178,14 @@ def greedy_section(ckpt: str, data_dir: str, device: torch.device, dtypes: list[
     return result
 
 
-def varied_prompts(data_dir: str, n: int, lengths: tuple[int, int], vocab: int, seed: int = 0) -> list[list[int]]:
-    """n held-out prompts of random lengths in the range, from random places in val.bin."""
-    rng = np.random.default_rng(seed)
-    path = os.path.join(data_dir, "val.bin")
-    tokens = np.memmap(path, dtype=np.uint16, mode="r") if os.path.isfile(path) else \
-        rng.integers(0, vocab, 100_000).astype(np.uint16)
-    sizes = rng.integers(lengths[0], lengths[1] + 1, n)
-    starts = rng.integers(0, len(tokens) - lengths[1], n)
-    return [tokens[s : s + k].astype(np.int64).tolist() for s, k in zip(starts, sizes)]
-
-
 def closed_loop_tokens_per_s(model, config, prompts: list[list[int]], in_flight: int, new_tokens: int) -> dict:
     """The engine driven step by step (as engine_process.py does), keeping `in_flight`
     requests running until the prompts run out."""
     from engine import Engine, SamplingParams
     engine = Engine(model, config)
-    engine.prepare()
+    started = time.perf_counter()
+    engine.prepare()  # the graph captures, timed: the server's start-up pays them
+    prepare_s = time.perf_counter() - started
     params, waiting = SamplingParams(max_tokens=new_tokens, temperature=0.0), list(prompts)
     running = [engine.submit(waiting.pop(), params) for _ in range(min(in_flight, len(waiting)))]
     tokens, steps, started = 0, 0, time.perf_counter()
@@ -203,7 +199,7 @@ def closed_loop_tokens_per_s(model, config, prompts: list[list[int]], in_flight:
                 running.append(engine.submit(waiting.pop(), params))
     seconds = time.perf_counter() - started
     return {"tok_s": round(tokens / seconds, 1), "ms_per_step": round(seconds * 1000 / steps, 3), "steps": steps,
-            "tokens": tokens}
+            "tokens": tokens, "prepare_s": round(prepare_s, 2)}
 
 
 def engine_section(config: GPTConfig, device: torch.device, dtype: torch.dtype, data_dir: str, in_flight: int,
@@ -211,14 +207,15 @@ def engine_section(config: GPTConfig, device: torch.device, dtype: torch.dtype, 
     from engine import EngineConfig, default_prefill_chunk
     model = random_model(config, device, dtype)
     longest = min(512, config.block_size - new_tokens)  # 128-512 tokens, as make bench sends; less on a toy model
-    prompts = varied_prompts(data_dir, n_requests, (min(128, longest // 2), longest), N_VOCAB)
+    prompts, _ = held_out_prompts(data_dir, n_requests, (min(128, longest // 2), longest))
     base = dict(max_batch=in_flight, max_waiting=n_requests, max_queue_wait_s=600.0,
                 prefill_chunk=default_prefill_chunk(device))
     result = {"in_flight": in_flight, "requests": n_requests, "new_tokens": new_tokens,
               "prefill_chunk": base["prefill_chunk"]}
-    for name, options in {"default": {}, "no_prefix_cache": dict(prefix_cache=False),
-                          "no_graphs": dict(cuda_graphs=False)}.items():
-        result[name] = closed_loop_tokens_per_s(model, EngineConfig(**base, **options), prompts, in_flight, new_tokens)
+    for name, options in {"default": {}, "prefill_chunk_512": dict(prefill_chunk=512),
+                          "no_prefix_cache": dict(prefix_cache=False), "no_graphs": dict(cuda_graphs=False)}.items():
+        options = {**base, **options}
+        result[name] = closed_loop_tokens_per_s(model, EngineConfig(**options), prompts, in_flight, new_tokens)
         print(f"engine {name}: {result[name]}", flush=True)
     return result
 

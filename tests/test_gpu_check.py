@@ -34,8 +34,9 @@ def test_smoke_run_writes_a_report_with_every_section_field(tmp_path, capsys):
                                  "graphs_any_sdpa_vs_eager_identical": 4, "of": 4}
     engine = report["engine"]
     assert (engine["in_flight"], engine["requests"], engine["new_tokens"], engine["prefill_chunk"]) == (4, 8, 4, 512)
-    for variant in ("default", "no_prefix_cache", "no_graphs"):  # every request ran to its token limit
+    for variant in ("default", "prefill_chunk_512", "no_prefix_cache", "no_graphs"):  # each request ran to its limit
         assert engine[variant]["tokens"] == 8 * 4 and engine[variant]["tok_s"] > 0 and engine[variant]["steps"] >= 4
+        assert engine[variant]["prepare_s"] >= 0
     assert all(report[name]["section_s"] > 0 for name in ("decode", "greedy", "engine", "hf_generate"))
     printed = capsys.readouterr().out
     assert "decode b4    ctx96" in printed and "greedy: " in printed
