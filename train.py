@@ -66,6 +66,7 @@ class TrainConfig:
     bias: bool = True
     vocab_size: int = 50304  # p50k_edit's 50284 ids padded to a multiple of 64
     # optimizer and schedule
+    optimizer: str = "adamw"  # 'adamw' | 'muon' (Muon for the blocks' matrices, AdamW for the rest)
     learning_rate: float = 6e-4
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -166,6 +167,8 @@ def validate(cfg: TrainConfig) -> None:
             raise TrainError(f"config key '{key}' must be {'> 0' if key in positive else '>= 0'}, got {value}")
     if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise TrainError(f"config key 'dtype' must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise TrainError(f"config key 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     if cfg.dropout >= 1:
         raise TrainError(f"config key 'dropout' must be < 1, got {cfg.dropout}")
     if cfg.init_from == "scratch" and cfg.n_embd % cfg.n_head:
@@ -469,6 +472,79 @@ def plot_loss(out_dir: str) -> str:
     return path
 
 
+# ----------------------------------------------------------------------------- optimizer
+
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def orthogonalize(update: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to `update`, roughly: a quintic Newton-Schulz
+    iteration that pushes every singular value towards ~1 without an SVD. The coefficients
+    are Keller Jordan's (Muon), tuned to converge fast from a Frobenius-normalised start."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = update / (update.norm() + 1e-7)
+    wide = x.shape[0] > x.shape[1]
+    x = x.T if wide else x
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if wide else x
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (momentum, then orthogonalised) for groups with muon=True, AdamW for the others.
+
+    One optimizer object, so the LR schedule, gradient clipping, GradScaler and checkpoints
+    treat it like AdamW. A Muon update is scaled by 0.2 * sqrt(max(rows, cols)) so its RMS
+    matches a typical AdamW update: the learning rate and weight decay tuned for AdamW carry
+    over (Moonshot AI, "Muon is Scalable for LLM Training", 2025)."""
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], momentum: float = 0.95):
+        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=1e-8, weight_decay=0.0, muon=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                (self._muon if group["muon"] else self._adamw)(p, group, self.state[p])
+
+    @staticmethod
+    def _muon(p: torch.Tensor, group: dict, state: dict) -> None:
+        buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+        buf.mul_(group["momentum"]).add_(p.grad)
+        nesterov = p.grad.add(buf, alpha=group["momentum"])
+        scale = 0.2 * math.sqrt(max(p.shape))
+        p.add_(orthogonalize(nesterov.float()).to(p.dtype), alpha=-group["lr"] * scale)
+
+    @staticmethod
+    def _adamw(p: torch.Tensor, group: dict, state: dict) -> None:
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        (beta1, beta2), state["step"] = group["betas"], state["step"] + 1
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).sqrt_().add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** state["step"]))
+
+
+def build_optimizer(cfg: TrainConfig, model: GPT, device_type: str) -> torch.optim.Optimizer:
+    """AdamW as in nanoGPT, or Muon for the transformer blocks' weight matrices (the
+    embedding, which is also the output layer, LayerNorms and biases stay on AdamW)."""
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw":
+        return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device_type)
+    blocks = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) in blocks], "muon": True, "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if id(p) not in blocks and p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2]},
+    ]
+    return MuonAdamW(groups, lr=cfg.learning_rate, betas=betas)
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -482,8 +558,7 @@ class Trainer:
         if self.meta.get("vocab_size", 0) > self.raw_model.config.vocab_size:
             raise TrainError(f"the dataset's vocabulary ({self.meta['vocab_size']}) does not fit the model's "
                              f"vocab_size {self.raw_model.config.vocab_size}")
-        self.optimizer = self.raw_model.configure_optimizers(cfg.weight_decay, cfg.learning_rate,
-                                                             (cfg.beta1, cfg.beta2), rt.device_type)
+        self.optimizer = build_optimizer(cfg, self.raw_model, rt.device_type)
         self.scaler = torch.amp.GradScaler(rt.device_type, enabled=rt.dtype == "float16")
         self.data_gen = torch.Generator().manual_seed(cfg.seed)  # same seed on every rank: see step_offsets
         self.iter_num, self.best_val, self.prior_s, self.last_eval = 0, float("inf"), 0.0, -1

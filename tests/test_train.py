@@ -90,10 +90,12 @@ def test_loss_falls_and_outputs_are_written(data_dir, tmp_path):
     assert os.path.getsize(os.path.join(out, "loss.png")) > 1000
 
 
-def test_interrupted_and_resumed_run_equals_uninterrupted(data_dir, tmp_path):
-    # dropout > 0: the resumed run must also continue the dropout RNG stream exactly
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(data_dir, tmp_path, optimizer):
+    # dropout > 0: the resumed run must also continue the dropout RNG stream exactly; Muon's
+    # momentum and AdamW's moments must come back from ckpt.pt exactly too
     args = [*TINY, f"--data_dir={data_dir}", "--dataset=tiny", "--max_iters=20", "--eval_interval=10",
-            "--dropout=0.1"]
+            "--dropout=0.1", f"--optimizer={optimizer}"]
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     check_ok(run_train(*args, f"--out_dir={whole}"))
     check_ok(run_train(*args, f"--out_dir={parts}", "--stop_at_iter=13"))
@@ -171,6 +173,7 @@ def test_wrong_type_is_a_one_line_error_naming_the_key():
     (["--batch_sz=4"], "batch_sz"),
     (["--max_iters"], "--max_iters"),
     (["--dtype=float64"], "dtype"),
+    (["--optimizer=sgd"], "optimizer"),
 ])
 def test_config_errors_name_the_key(args, key, capsys):
     assert train.main(args) != 0
@@ -209,6 +212,48 @@ def test_shipped_configs():
     assert ddp.batch_size * ddp.gradient_accumulation_steps == gpu.batch_size * gpu.gradient_accumulation_steps * 4
     assert ddp.gradient_accumulation_steps % 4 == 0
     assert cpu.max_minutes > 0 and (cpu.n_layer, cpu.n_embd) == (2, 128)
+    assert (cpu.optimizer, gpu.optimizer) == ("muon", "adamw")
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def test_orthogonalize_pushes_singular_values_towards_one():
+    torch.manual_seed(0)
+    for shape in [(384, 128), (128, 512), (32, 96)]:  # not square: a random square matrix is near-singular
+        update = torch.randn(shape) * torch.logspace(-1, 1, shape[1])  # columns scaled 0.1 .. 10
+        out = train.orthogonalize(update)
+        assert out.shape == update.shape
+        singular = torch.linalg.svdvals(out)
+        assert singular.min() > 0.5 and singular.max() < 1.25, singular  # Muon's quintic: ~0.7..1.2
+
+
+def test_muon_adamw_groups_without_muon_are_adamw():
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Parameter(torch.randn(50, 16)), torch.nn.Parameter(torch.randn(50, 16))
+    ref.data.copy_(ours.data)
+    opt = train.MuonAdamW([{"params": [ours], "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.95))
+    ref_opt = torch.optim.AdamW([ref], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for _ in range(10):
+        grad = torch.randn(50, 16)
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step(), ref_opt.step()
+    assert torch.allclose(ours, ref, atol=1e-6) and not torch.allclose(ours, torch.zeros(50, 16))
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    cfg = train.parse_args(["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--vocab_size=96",
+                            "--optimizer=muon"])
+    model = train.GPT(train.GPTConfig(block_size=16, vocab_size=96, n_layer=2, n_head=2, n_embd=32))
+    muon, matrices, vectors = train.build_optimizer(cfg, model, "cpu").param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert muon["muon"] and not matrices["muon"] and not vectors["muon"]
+    assert sorted(names[id(p)] for p in muon["params"]) == sorted(
+        n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2)
+    assert {names[id(p)] for p in matrices["params"]} == {"transformer.wte.weight", "transformer.wpe.weight"}
+    assert vectors["weight_decay"] == 0.0 and muon["weight_decay"] == matrices["weight_decay"] == cfg.weight_decay
+    n_in_groups = sum(p.numel() for g in (muon, matrices, vectors) for p in g["params"])
+    assert n_in_groups == model.num_params(non_embedding=False)  # the tied matrix once
 
 
 def test_missing_dataset_names_make_data(tmp_path):
