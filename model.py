@@ -354,17 +354,19 @@ class GPT(nn.Module):
         loss = chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T), chunk_rows)
         return None, loss
 
-    def configure_optimizers(self, weight_decay: float, learning_rate: float,
-                             betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
-        """Decay matrices (weights, embeddings) only; biases and LayerNorm gains are not
-        scales worth shrinking towards zero."""
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """[matrices, vectors]: decay matrices (weights, embeddings) only; biases and
+        LayerNorm gains are not scales worth shrinking towards zero."""
         params = [p for p in self.parameters() if p.requires_grad]  # the tied matrix appears once
-        groups = [
+        return [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+
+    def configure_optimizers(self, weight_decay: float, learning_rate: float,
+                             betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
         extra = {"fused": True} if device_type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
+        return torch.optim.AdamW(self.optimizer_groups(weight_decay), lr=learning_rate, betas=betas, **extra)
 
     def estimate_mfu(self, tokens_per_iter: int, dt: float, peak_flops: float) -> float:
         """Model FLOPs utilisation: achieved / peak, counting 6N flops per token for the

@@ -505,10 +505,15 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             for p in (p for p in group["params"] if p.grad is not None):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 (self._muon if group["muon"] else self._adamw)(p, group, self.state[p])
+        return loss
 
     @staticmethod
     def _muon(p: torch.Tensor, group: dict, state: dict) -> None:
@@ -535,14 +540,12 @@ def build_optimizer(cfg: TrainConfig, model: GPT, device_type: str) -> torch.opt
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "adamw":
         return model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device_type)
-    blocks = {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if id(p) in blocks], "muon": True, "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if id(p) not in blocks and p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2]},
-    ]
-    return MuonAdamW(groups, lr=cfg.learning_rate, betas=betas)
+    matrices, vectors = model.optimizer_groups(cfg.weight_decay)
+    blocks = {id(p) for p in model.transformer.h.parameters()}
+    muon = [p for p in matrices["params"] if id(p) in blocks]
+    matrices["params"] = [p for p in matrices["params"] if id(p) not in blocks]
+    return MuonAdamW([{**matrices, "params": muon, "muon": True}, matrices, vectors], lr=cfg.learning_rate,
+                     betas=betas)
 
 
 # ----------------------------------------------------------------------------- training
