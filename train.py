@@ -67,6 +67,7 @@ class TrainConfig:
     vocab_size: int = 50304  # p50k_edit's 50284 ids padded to a multiple of 64
     # optimizer and schedule
     optimizer: str = "adamw"  # 'adamw' | 'muon' (Muon for the blocks' matrices, AdamW for the rest)
+    muon_lr_scale: float = 1.0  # Muon's learning rate as a multiple of learning_rate (same schedule)
     learning_rate: float = 6e-4
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -158,7 +159,8 @@ def _typed(key: str, value, source: str):
 
 def validate(cfg: TrainConfig) -> None:
     positive = ["batch_size", "block_size", "gradient_accumulation_steps", "n_layer", "n_head",
-                "n_embd", "vocab_size", "eval_interval", "eval_iters", "log_interval", "learning_rate"]
+                "n_embd", "vocab_size", "eval_interval", "eval_iters", "log_interval", "learning_rate",
+                "muon_lr_scale"]
     non_negative = ["max_iters", "warmup_iters", "lr_decay_iters", "min_lr", "weight_decay",
                     "grad_clip", "max_minutes", "stop_at_iter", "peak_flops", "dropout"]
     for key in positive + non_negative:
@@ -501,7 +503,8 @@ class MuonAdamW(torch.optim.Optimizer):
     over (Moonshot AI, "Muon is Scalable for LLM Training", 2025)."""
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], momentum: float = 0.95):
-        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=1e-8, weight_decay=0.0, muon=False))
+        super().__init__(groups, dict(lr=lr, betas=betas, momentum=momentum, eps=1e-8, weight_decay=0.0, muon=False,
+                                      lr_scale=1.0))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -521,7 +524,7 @@ class MuonAdamW(torch.optim.Optimizer):
         buf.mul_(group["momentum"]).add_(p.grad)
         nesterov = p.grad.add(buf, alpha=group["momentum"])
         scale = 0.2 * math.sqrt(max(p.shape))
-        p.add_(orthogonalize(nesterov.float()).to(p.dtype), alpha=-group["lr"] * scale)
+        p.add_(orthogonalize(nesterov.float()).to(p.dtype), alpha=-group["lr"] * group["lr_scale"] * scale)
 
     @staticmethod
     def _adamw(p: torch.Tensor, group: dict, state: dict) -> None:
@@ -544,8 +547,8 @@ def build_optimizer(cfg: TrainConfig, model: GPT, device_type: str) -> torch.opt
     blocks = {id(p) for p in model.transformer.h.parameters()}
     muon = [p for p in matrices["params"] if id(p) in blocks]
     matrices["params"] = [p for p in matrices["params"] if id(p) not in blocks]
-    return MuonAdamW([{**matrices, "params": muon, "muon": True}, matrices, vectors], lr=cfg.learning_rate,
-                     betas=betas)
+    return MuonAdamW([{**matrices, "params": muon, "muon": True, "lr_scale": cfg.muon_lr_scale}, matrices, vectors],
+                     lr=cfg.learning_rate, betas=betas)
 
 
 # ----------------------------------------------------------------------------- training

@@ -174,6 +174,7 @@ def test_wrong_type_is_a_one_line_error_naming_the_key():
     (["--max_iters"], "--max_iters"),
     (["--dtype=float64"], "dtype"),
     (["--optimizer=sgd"], "optimizer"),
+    (["--muon_lr_scale=0"], "muon_lr_scale"),
 ])
 def test_config_errors_name_the_key(args, key, capsys):
     assert train.main(args) != 0
@@ -239,6 +240,21 @@ def test_muon_adamw_groups_without_muon_are_adamw():
         ours.grad, ref.grad = grad.clone(), grad.clone()
         opt.step(), ref_opt.step()
     assert torch.allclose(ours, ref, atol=1e-6) and not torch.allclose(ours, torch.zeros(50, 16))
+
+
+def test_muon_update_is_orthogonal_and_scaled():
+    torch.manual_seed(0)
+    start, grad = torch.randn(384, 128), torch.randn(384, 128)
+    deltas = []
+    for lr_scale in (1.0, 2.0):
+        p = torch.nn.Parameter(start.clone())
+        opt = train.MuonAdamW([{"params": [p], "muon": True, "lr_scale": lr_scale}], lr=1e-2, betas=(0.9, 0.95))
+        p.grad = grad.clone()
+        opt.step()
+        deltas.append(start - p.detach())
+    # RMS-matched: lr x 0.2 x sqrt(384) times a matrix of singular values ~1 (RMS ~1/sqrt(384))
+    assert deltas[0].pow(2).mean().sqrt() == pytest.approx(1e-2 * 0.2, rel=0.25)
+    assert torch.allclose(deltas[1], 2 * deltas[0], rtol=1e-4, atol=1e-6)  # p ~ 1: fp32 rounding ~1e-7
 
 
 def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
