@@ -10,7 +10,7 @@ waits for /ready, and stops it with SIGTERM at the end. With a baseline, a few f
 are first sent to both servers at temperature 0, one at a time, and their completions compared
 ("greedy_identity" in the JSON). Each level reports the server's prefix-cache figures (hit rate,
 prompt tokens prefilled per request) from /metrics. Every virtual user is
-an asyncio task on one httpx.AsyncClient, so 256 users cost 256 sockets, not 256 threads.
+an asyncio task on one aiohttp.ClientSession, so 256 users cost 256 sockets, not 256 threads.
 
 Workloads:
   independent  closed loop: each user sends a streamed completion of a prompt cut from a
@@ -42,11 +42,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
-import httpx
+import aiohttp
 
 from tokenizer import FIM_LAYOUTS
 
@@ -183,7 +185,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--ready-timeout", type=float, default=d.ready_timeout, help="seconds to wait for /ready")
     p.add_argument("--max-batch", type=int, help="passed to serve_api.py (default: its own)")
     p.add_argument("--max-waiting", type=int, help="passed to serve_api.py")
-    p.add_argument("--max-queue-wait", type=float, help="passed to serve_api.py")
+    p.add_argument("--max-queue-wait", type=float,
+                   help="passed to serve_api.py; default: --request-timeout, so that neither server turns "
+                        "a request away for waiting (the seed's server queued every request), which would "
+                        "drop the baseline's slowest requests from its latency percentiles")
     p.add_argument("--prefill-chunk", type=int, help="passed to serve_api.py")
     p.add_argument("--fim-layout", choices=FIM_LAYOUTS, help="passed to serve_api.py (default: its own, spm)")
     p.add_argument("--server-arg", action="append", default=[], dest="server_args",
@@ -339,9 +344,9 @@ class Recorder:
     results: list[RequestResult] = field(default_factory=list)
 
 
-def retry_after_of(response: httpx.Response) -> float | None:
+def retry_after_of(headers) -> float | None:
     try:
-        return float(response.headers["retry-after"])
+        return float(headers["retry-after"])
     except (KeyError, ValueError):
         return None
 
@@ -356,22 +361,21 @@ def error_message(body: bytes) -> str:
     return lines[0][:120] if lines else ""
 
 
-def not_ok_result(response: httpx.Response, latency: float) -> RequestResult:
-    code = response.status_code
+def not_ok_result(code: int, headers, body: bytes, latency: float) -> RequestResult:
     outcome = {429: "rejected_429", 503: "rejected_503"}.get(code, "error")
-    message = error_message(response.content)
+    message = error_message(body)
     return RequestResult(outcome, latency, detail=f"HTTP {code}" + (f": {message}" if message else ""),
-                         retry_after=retry_after_of(response))
+                         retry_after=retry_after_of(headers))
 
 
-async def read_stream(response: httpx.Response, start: float) -> RequestResult:
+async def read_stream(response: aiohttp.ClientResponse, start: float) -> RequestResult:
     """Consume server-sent events to the end; tokens from the usage chunk when the server sends
     one, else one per non-empty text chunk (a lower bound when chunks carry several tokens)."""
     ttft, chunks, usage_tokens, done = None, 0, None, False
-    async for line in response.aiter_lines():
-        if not line.startswith("data:"):
+    async for raw in response.content:  # line by line
+        if not raw.startswith(b"data:"):
             continue
-        data = line[5:].strip()
+        data = raw[5:].strip().decode()
         if data == "[DONE]":
             done = True  # read on to the end of the body so the connection can be reused
             continue
@@ -392,30 +396,27 @@ async def read_stream(response: httpx.Response, start: float) -> RequestResult:
     return RequestResult("ok", latency, ttft, usage_tokens if usage_tokens is not None else chunks)
 
 
-async def exchange(client: httpx.AsyncClient, url: str, payload: dict, start: float) -> RequestResult:
-    if payload.get("stream"):
-        async with client.stream("POST", url, json=payload) as response:
-            if response.status_code != 200:
-                await response.aread()
-                return not_ok_result(response, time.perf_counter() - start)
+async def exchange(client: aiohttp.ClientSession, url: str, payload: dict, start: float) -> RequestResult:
+    async with client.post(url, json=payload) as response:
+        if response.status != 200:
+            body = await response.read()
+            return not_ok_result(response.status, response.headers, body, time.perf_counter() - start)
+        if payload.get("stream"):
             return await read_stream(response, start)
-    response = await client.post(url, json=payload)
+        body = json.loads(await response.read())
     latency = time.perf_counter() - start
-    if response.status_code != 200:
-        return not_ok_result(response, latency)
-    body = response.json()
     tokens = (body.get("usage") or {}).get("completion_tokens")
     return RequestResult("ok", latency, latency, tokens if tokens is not None else 0)
 
 
-async def run_request(client: httpx.AsyncClient, url: str, payload: dict, recorder: Recorder) -> RequestResult:
+async def run_request(client: aiohttp.ClientSession, url: str, payload: dict, recorder: Recorder) -> RequestResult:
     recorder.sent += 1
     start = time.perf_counter()
     try:
         async with asyncio.timeout(recorder.request_timeout):
             result = await exchange(client, url, payload, start)
     except asyncio.CancelledError as exc:
-        # Cancelling closes the stream (httpx drops an unfinished connection), which is how
+        # Cancelling closes the stream (aiohttp drops an unfinished connection), which is how
         # an editor tells the server to stop generating. Only a user's own cancel counts as
         # one; a request cut by the level's hard deadline is an error.
         superseded = SUPERSEDED in exc.args or not recorder.closing
@@ -424,7 +425,7 @@ async def run_request(client: httpx.AsyncClient, url: str, payload: dict, record
         raise
     except TimeoutError:
         result = RequestResult("error", time.perf_counter() - start, detail="timeout")
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         result = RequestResult("error", time.perf_counter() - start, detail=type(exc).__name__)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a malformed body or event
         result = RequestResult("error", time.perf_counter() - start, detail=f"bad response: {type(exc).__name__}")
@@ -442,7 +443,7 @@ class Level:
     settings: Settings
     url: str  # the completions endpoint
     model_id: str
-    client: httpx.AsyncClient
+    client: aiohttp.ClientSession
     recorder: Recorder
     stop_at: float  # time.monotonic() after which no user starts a request
     tasks: set = field(default_factory=set)  # request tasks of typing users, for the hard deadline
@@ -612,7 +613,8 @@ def server_failed(stats: dict) -> str | None:
     """A level in which nothing succeeded and every failure was the server's fault (5xx other
     than 503, or no connection) means the server is broken: no point going on."""
     failures = stats["not_ok_details"]
-    broken = [d for d in failures if re.match(r"HTTP 5(?!03)|Connect|RemoteProtocol|ReadError", d)]
+    broken = [d for d in failures
+              if re.match(r"HTTP 5(?!03)|ClientConnect|ClientOSError|ServerDisconnected|ClientPayload", d)]
     if stats["ok"] == 0 and stats["errors"] > 0 and sum(failures[d] for d in broken) == stats["errors"]:
         return f"{stats['errors']} of {stats['sent']} requests failed ({next(iter(failures))})"
     return None
@@ -625,16 +627,27 @@ def auth_headers(settings: Settings) -> dict:
     return {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
 
 
+def http_get(url: str, headers: dict, timeout: float) -> tuple[int, bytes]:
+    """(status, body) of a GET, whatever the status; OSError when no answer came (refused,
+    reset, timed out). The control-plane probes are a handful of calls: the stdlib is enough."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:  # a 4xx/5xx is an answer, not a transport failure
+        with exc:
+            return exc.code, exc.read()
+
+
 def metric_samples(base_url: str, headers: dict) -> list[tuple[str, str, float]]:
     """(name, labels, value) of every sample in /metrics; [] if the server has none."""
     try:
-        response = httpx.get(f"{base_url}/metrics", headers=headers, timeout=10)
-    except httpx.HTTPError:
+        status, body = http_get(f"{base_url}/metrics", headers, timeout=10)
+    except OSError:
         return []
-    if response.status_code != 200:
+    if status != 200:
         return []
     samples = []
-    for line in response.text.splitlines():
+    for line in body.decode("utf-8", "replace").splitlines():
         m = re.match(r"([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)", line)
         if m:
             samples.append((m.group(1), m.group(2) or "", float(m.group(3))))
@@ -691,13 +704,13 @@ def wait_until_ready(base_url: str, settings: Settings, proc: subprocess.Popen |
             raise BenchError(f"serve_api.py exited with code {proc.returncode} before it was ready: "
                              f"{last_line(log_path)} (log: {log_path})")
         try:
-            response = httpx.get(f"{base_url}/ready", headers=headers, timeout=5)
-            if response.status_code in (200, 404):  # 404: a server without /ready; the preflight checks it
+            status, body = http_get(f"{base_url}/ready", headers, timeout=5)
+            if status in (200, 404):  # 404: a server without /ready; the preflight checks it
                 break
-            if response.status_code != 503:  # 503 = still loading or warming up; anything else is broken
-                raise BenchError(f"server at {base_url} answered /ready with HTTP {response.status_code}: "
-                                 f"{error_message(response.content) or response.reason_phrase}")
-        except httpx.TransportError as exc:
+            if status != 503:  # 503 = still loading or warming up; anything else is broken
+                raise BenchError(f"server at {base_url} answered /ready with HTTP {status}: "
+                                 f"{error_message(body) or 'no message'}")
+        except OSError as exc:
             if proc is None:
                 raise BenchError(f"cannot reach the server at {base_url}: {exc or type(exc).__name__}") from None
         if time.monotonic() > deadline:
@@ -705,9 +718,9 @@ def wait_until_ready(base_url: str, settings: Settings, proc: subprocess.Popen |
         time.sleep(0.25)
     info = {"build": build_info(base_url, headers)}
     try:
-        health = httpx.get(f"{base_url}/health", headers=headers, timeout=5)
-        info["health"] = health.json() if health.status_code == 200 else None
-    except (httpx.HTTPError, ValueError):
+        status, body = http_get(f"{base_url}/health", headers, timeout=5)
+        info["health"] = json.loads(body) if status == 200 else None
+    except (OSError, ValueError):
         info["health"] = None
     return info
 
@@ -715,10 +728,10 @@ def wait_until_ready(base_url: str, settings: Settings, proc: subprocess.Popen |
 def model_card(base_url: str, settings: Settings) -> dict:
     """The server's first /v1/models entry ({} if it has none we can read)."""
     try:
-        response = httpx.get(f"{base_url}/v1/models", headers=auth_headers(settings), timeout=10)
-        card = response.json()["data"][0]
+        _, body = http_get(f"{base_url}/v1/models", auth_headers(settings), timeout=10)
+        card = json.loads(body)["data"][0]
         return card if isinstance(card, dict) else {}
-    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
         return {}
 
 
@@ -729,9 +742,10 @@ def served_model_id(base_url: str, settings: Settings) -> str:
 def server_command(settings: Settings, port: int, max_batch: int | None, extra_args: tuple[str, ...] = ()) -> list[str]:
     cmd = [sys.executable, os.path.join(REPO_DIR, "serve_api.py"), "--model", settings.ckpt,
            "--host", "127.0.0.1", "--port", str(port)]
-    options = {"--max-batch": max_batch, "--max-waiting": settings.max_waiting,
-               "--max-queue-wait": settings.max_queue_wait, "--prefill-chunk": settings.prefill_chunk,
-               "--model-id": settings.model_id, "--fim-layout": settings.fim_layout}
+    queue_wait = settings.request_timeout if settings.max_queue_wait is None else settings.max_queue_wait
+    options = {"--max-batch": max_batch, "--max-waiting": settings.max_waiting, "--max-queue-wait": queue_wait,
+               "--prefill-chunk": settings.prefill_chunk, "--model-id": settings.model_id,
+               "--fim-layout": settings.fim_layout}
     for flag, value in options.items():
         if value is not None:
             cmd += [flag, str(value)]
@@ -774,11 +788,13 @@ class Target:
     info: dict
 
 
-def new_client(settings: Settings, users: int) -> httpx.AsyncClient:
-    # No pool cap: httpx's default of 100 connections would queue users inside the client.
-    # The per-request bound is asyncio.timeout in run_request; these only bound single waits.
-    return httpx.AsyncClient(headers=auth_headers(settings), timeout=httpx.Timeout(settings.request_timeout),
-                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=users))
+def new_client(settings: Settings) -> aiohttp.ClientSession:
+    # No pool cap (limit=0): aiohttp's default of 100 connections would queue users inside the
+    # client. The per-request bound is asyncio.timeout in run_request, so none here.
+    # aiohttp, not httpx: it read the same 128 streams for 33-35 ms of CPU per 1K tokens where
+    # httpx took 132-278 (README, serving), and the load generator shares the server's cores.
+    return aiohttp.ClientSession(headers=auth_headers(settings), connector=aiohttp.TCPConnector(limit=0),
+                                 timeout=aiohttp.ClientTimeout(total=None))
 
 
 @dataclass
@@ -809,7 +825,7 @@ async def drive_users(target: Target, user_ids: range, settings: Settings, workl
     if start_at is not None:
         await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     recorder, cpu_before = Recorder(settings.request_timeout), time.process_time()
-    async with new_client(settings, len(user_ids)) as client:
+    async with new_client(settings) as client:
         start = time.monotonic()
         level = Level(settings, f"{target.base_url}/v1/completions", target.model_id, client, recorder,
                       stop_at=start + settings.duration, prompts=prompts)
@@ -897,7 +913,7 @@ async def preflight(target: Target, settings: Settings, workload) -> None:
     """One request of the real shape before any load: a server that errors, or rejects our
     prompts, is reported in one line instead of as a table of failures."""
     recorder = Recorder(settings.request_timeout)
-    async with new_client(settings, 1) as client:
+    async with new_client(settings) as client:
         level = Level(settings, f"{target.base_url}/v1/completions", target.model_id, client, recorder, 0.0)
         if settings.workload == "typing":
             prefix, suffix = Editor(workload, random.Random(settings.seed), 32, 16).context()
@@ -929,15 +945,16 @@ async def greedy_probe(target: Target, settings: Settings, workload) -> dict:
     """Completions of the probe prompts at temperature 0, one request at a time."""
     recorder = Recorder(settings.request_timeout)
     texts = []
-    async with new_client(settings, 1) as client:
+    async with new_client(settings) as client:
         level = Level(settings, f"{target.base_url}/v1/completions", target.model_id, client, recorder, 0.0)
         for payload in probe_payloads(level, settings, workload):
             payload = {k: v for k, v in payload.items() if k != "stream_options"}
-            response = await client.post(level.url, json={**payload, "temperature": 0.0, "stream": False})
-            if response.status_code != 200:
-                raise BenchError(f"greedy probe against {target.base_url} failed: HTTP {response.status_code}: "
-                                 f"{error_message(response.content)}")
-            texts.append(response.json()["choices"][0]["text"])
+            async with client.post(level.url, json={**payload, "temperature": 0.0, "stream": False}) as response:
+                body = await response.read()
+            if response.status != 200:
+                raise BenchError(f"greedy probe against {target.base_url} failed: HTTP {response.status}: "
+                                 f"{error_message(body)}")
+            texts.append(json.loads(body)["choices"][0]["text"])
     return {"prompts": len(texts), "texts": texts}
 
 

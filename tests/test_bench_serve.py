@@ -200,6 +200,16 @@ def test_a_request_cap_is_shared_among_client_processes():
     assert [bench_serve.split_requests(0, 4, i) for i in range(4)] == [0, 0, 0, 0]  # no cap stays no cap
 
 
+def test_servers_it_starts_keep_requests_queued_as_long_as_the_client_waits():
+    # A 10 s queue bound would turn the baseline's slowest requests away at 128 users and
+    # leave them out of its latency percentiles; by default both servers queue to the timeout.
+    def queue_wait(settings):
+        cmd = bench_serve.server_command(settings, port=1, max_batch=1)
+        return float(cmd[cmd.index("--max-queue-wait") + 1])
+    assert queue_wait(bench_serve.Settings(ckpt="x.pt", request_timeout=42.0)) == 42.0
+    assert queue_wait(bench_serve.Settings(ckpt="x.pt", request_timeout=42.0, max_queue_wait=5.0)) == 5.0
+
+
 def test_typing_cancels_superseded_requests_on_the_server(server, workdir, tmp_path, capsys):
     before = scrape(server, "codeassist_cancellations_total")
     # Keystrokes every ~25-200 ms, debounce 20-60 ms, completions of ~0.3 s or more: most
