@@ -304,6 +304,21 @@ def test_corrupt_checkpoint_on_resume_is_an_error_and_untouched(data_dir, tmp_pa
 # ----------------------------------------------------------------------------- schedule
 
 
+def test_time_budget_counts_from_the_end_of_start_up(data_dir, tmp_path):
+    # Compilation (in the first evaluation and step) is start-up: the clock of max_minutes
+    # starts after the first step, so a fresh machine trains as long as a warm one.
+    out = str(tmp_path / "out")
+    check_ok(run_train(*TINY, f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={out}",
+                       "--max_minutes=0.02", "--eval_iters=100", "--eval_interval=1000000"))
+    with open(os.path.join(out, "log.jsonl")) as f:
+        events = [json.loads(line) for line in f]
+    (startup,) = [e for e in events if e["kind"] == "startup"]
+    steps, evals = read_log(out)
+    assert startup["iter"] == 1 and startup["startup_s"] >= evals[0]["eval_s"] > 0
+    assert steps[0]["iter"] == 1 and steps[0]["elapsed_s"] < 0.05  # the clock has just started
+    assert evals[-1]["elapsed_s"] >= 0.02 * 60  # and the run used its whole budget after that
+
+
 def test_learning_rate_schedule():
     cfg = train.TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
     warmup = [train.learning_rate(cfg, it, 0.0) for it in range(10)]
