@@ -78,7 +78,7 @@ class TrainConfig:
     lr_decay_iters: int = 0  # 0 = max_iters
     min_lr: float = 6e-5
     max_iters: int = 5000
-    max_minutes: float = 0.0  # > 0: a time budget (start-up excluded: see run); the cosine follows it
+    max_minutes: float = 0.0  # > 0: a time budget (start-up excluded: see start_clock); the cosine follows it
     stop_at_iter: int = 0  # > 0: checkpoint and exit at this iteration as if preempted (schedule unchanged)
     # system
     device: str = "auto"  # 'auto' = cuda if available else cpu
@@ -678,8 +678,8 @@ class Trainer:
 
     def start_clock(self, process_start: float) -> float:
         """The time budget counts from the end of this process's first step. Everything before
-        it is start-up: compiling the evaluation and the training graphs took ~50 s on a fresh
-        machine and ~10 s once inductor's cache is warm, so counting it made a 10-minute run on
+        it is start-up: compiling the evaluation and the training graphs took ~55 s on a fresh
+        machine and ~20 s once inductor's cache is warm, so counting it made a 10-minute run on
         a new machine ~100 iterations shorter than the same run repeated (README, training)."""
         startup_s = time.time() - process_start
         self.log.record(kind="startup", iter=self.iter_num, startup_s=round(startup_s, 2))

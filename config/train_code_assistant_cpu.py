@@ -17,7 +17,7 @@ gradient_accumulation_steps = 1
 # The clock drives the run: the cosine follows elapsed/max_minutes (machine speed swings
 # 10-25%, so a fixed iteration count would end early or late) and training stops at the
 # budget. max_iters is only a ceiling. The clock starts after the first step: compilation
-# (~55 s on a fresh machine, ~10 s with inductor's cache warm) is start-up, not training.
+# (~55 s on a fresh machine, ~20 s with inductor's cache warm) is start-up, not training.
 max_minutes = 10.0
 max_iters = 1_000_000
 # Small and shallow tolerates a high rate: 6e-3 reached val loss 3.91 where 3e-3 reached 4.17
