@@ -92,6 +92,7 @@ class Settings:
     baseline_url: str | None = None
     workload: str = "independent"
     levels: list[int] = field(default_factory=lambda: [1, 8, 32, 128, 256])
+    waves: int = 1  # the sweep of levels, this many times in a row against the same servers
     duration: float = 20.0
     requests: int = 0  # per level; 0 = bounded by duration only
     data_dir: str = "data/python_code"
@@ -167,6 +168,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--baseline-url", help="with --url: a running one-at-a-time server to compare against")
     p.add_argument("--workload", choices=("independent", "typing"), default=d.workload)
     p.add_argument("--levels", type=level_list, default=d.levels, help="concurrent users, e.g. 1,8,32,128,256")
+    p.add_argument("--waves", type=int, default=d.waves,
+                   help="run the levels this many times against the same servers; a server's memory "
+                        "(server_rss_mb, after every level) should stay flat from wave to wave")
     p.add_argument("--duration", type=float, default=d.duration, help="seconds of load per level")
     p.add_argument("--requests", type=int, default=d.requests, help="stop a level after this many requests (0: no cap)")
     p.add_argument("--data-dir", default=d.data_dir, help="holds val_docs.jsonl (held-out files)")
@@ -214,8 +218,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         settings.baseline = bool(settings.ckpt or settings.baseline_url)
     if settings.baseline and settings.url and not settings.baseline_url:
         p.error("--baseline with --url needs --baseline-url (or use --ckpt)")
-    if settings.duration <= 0 or settings.request_timeout <= 0 or settings.max_tokens < 1:
-        p.error("--duration, --request-timeout and --max-tokens must be positive")
+    if settings.duration <= 0 or settings.request_timeout <= 0 or settings.max_tokens < 1 or settings.waves < 1:
+        p.error("--duration, --request-timeout, --max-tokens and --waves must be positive")
     if settings.typing_window_step < 1:
         p.error("--typing-window-step must be >= 1")
     if settings.client_procs < 0:
@@ -754,16 +758,34 @@ def server_command(settings: Settings, port: int, max_batch: int | None, extra_a
 
 @contextlib.contextmanager
 def managed_server(settings: Settings, max_batch: int | None, log_path: str, extra_args: tuple[str, ...] = ()):
-    """serve_api.py on a free loopback port; yields (base_url, health info, command). Always stopped."""
+    """serve_api.py on a free loopback port; yields (base_url, health info, command, pid). Always stopped."""
     port = free_port()
     cmd = server_command(settings, port, max_batch, extra_args)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO_DIR)
     try:
         base_url = f"http://127.0.0.1:{port}"
-        yield base_url, wait_until_ready(base_url, settings, proc, log_path), cmd
+        yield base_url, wait_until_ready(base_url, settings, proc, log_path), cmd, proc.pid
     finally:
         stop_server(proc)
+
+
+def process_tree_rss_mb(pid: int | None) -> float | None:
+    """Resident memory of a process and all its descendants (the server: HTTP process, engine
+    process, multiprocessing's tracker), from /proc; None off Linux or for a server not ours."""
+    if pid is None:
+        return None
+    total_kb, pending = 0, [pid]
+    try:
+        while pending:
+            p = pending.pop()
+            with open(f"/proc/{p}/status") as f:
+                total_kb += next((int(line.split()[1]) for line in f if line.startswith("VmRSS:")), 0)
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                pending += [int(child) for child in f.read().split()]
+    except (OSError, ValueError):
+        return None
+    return round(total_kb / 1024, 1)
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -786,6 +808,7 @@ class Target:
     base_url: str
     model_id: str
     info: dict
+    pid: int | None = None  # the server process, when this bench started it (for its memory)
 
 
 def new_client(settings: Settings) -> aiohttp.ClientSession:
@@ -890,7 +913,8 @@ async def run_level(target: Target, users: int, settings: Settings, workload, pr
     prefix = prefix_cache_figures(prefix_before, scrape_counters(target.base_url, PREFIX_METRICS, auth_headers(settings)))
     stats = {**summarize(users, recorder, elapsed, server_cancels, client_cpu_s, prefix),
              "started_at": round(started_at, 3), "client_procs": len(parts),
-             "client_bound": client_cpu_s > CLIENT_BOUND_SHARE * elapsed * len(parts)}
+             "client_bound": client_cpu_s > CLIENT_BOUND_SHARE * elapsed * len(parts),
+             "server_rss_mb": process_tree_rss_mb(target.pid)}
     if prompts:  # the independent workload
         stats["repeated_prompts"] = sum(p.repeated_prompts for p in parts)
     return stats
@@ -983,9 +1007,9 @@ def run_sweep(targets: list[Target], settings: Settings, workload, progress) -> 
             results[target.label] = {"greedy_probe": await greedy_probe(target, settings, workload)} \
                 if settings.baseline else {}
             results[target.label]["levels"] = []
-        done = 0
-        for i, users in enumerate(settings.levels):
-            share = prompt_share(len(workload), i, len(settings.levels)) if settings.workload != "typing" else range(0)
+        done, plan = 0, settings.levels * settings.waves
+        for i, users in enumerate(plan):
+            share = prompt_share(len(workload), i, len(plan)) if settings.workload != "typing" else range(0)
             for target in targets if i % 2 == 0 else targets[::-1]:
                 if progress is not None:
                     progress.set_description(f"{target.label} {users} users")
@@ -1010,12 +1034,9 @@ def run_sweep(targets: list[Target], settings: Settings, workload, progress) -> 
 
 
 def ratios(engine: list[dict], baseline: list[dict]) -> list[dict]:
-    by_users = {b["users"]: b for b in baseline}
+    """One row per level, each server's run of it side by side (both ran the same plan)."""
     rows = []
-    for e in engine:
-        b = by_users.get(e["users"])
-        if b is None:
-            continue
+    for e, b in zip(engine, baseline):
         e95, b95 = e["latency_ms"]["p95"], b["latency_ms"]["p95"]
         e50, b50 = e["latency_ms"].get("p50"), b["latency_ms"].get("p50")
         row = {"users": e["users"],
@@ -1077,6 +1098,11 @@ def print_table(report: dict) -> None:
     if bound:
         print(f"warning: the load generator was CPU-bound ({', '.join(bound)}): those rows measure the client, "
               f"not the server; raise --client-procs")
+    for label, server in report["servers"].items():
+        memory = [s.get("server_rss_mb") for s in server["levels"]]
+        if any(m is not None for m in memory):
+            print(f"{label} memory after each level (RSS of the server's processes, MB): "
+                  + ", ".join(fmt(m, 0, 0).strip() for m in memory))
     print_prefix_cache(report)
     if report["ratios"]:
         baseline = {"max-batch-1": "max-batch 1", "prefix-cache": "no prefix cache", "engine-thread": "engine thread"}[report["settings"]["compare"]]
@@ -1196,13 +1222,13 @@ def bench_targets(settings: Settings, stamp: str, workload, progress) -> dict:
     with contextlib.ExitStack() as started:
         for label, max_batch, url, extra_args in runs:
             if url:
-                info = wait_until_ready(url, settings)
+                info, pid = wait_until_ready(url, settings), None
                 servers[label] = {"url": url, "server_info": info}
             else:
                 log_path = os.path.join(settings.out_dir, f"results-{stamp}-{label}.log")
-                url, info, cmd = started.enter_context(managed_server(settings, max_batch, log_path, extra_args))
+                url, info, cmd, pid = started.enter_context(managed_server(settings, max_batch, log_path, extra_args))
                 servers[label] = {"command": cmd[1:], "log": log_path, "server_info": info}
-            targets.append(Target(label, url, served_model_id(url, settings), info))
+            targets.append(Target(label, url, served_model_id(url, settings), info, pid))
         for label, result in run_sweep(targets, settings, workload, progress).items():
             servers[label].update(result)
     return servers
@@ -1226,7 +1252,7 @@ def progress_bar(settings: Settings):
         return None
     from tqdm import tqdm
     n_servers = 2 if settings.baseline else 1
-    return tqdm(total=n_servers * len(settings.levels) * settings.duration, unit="s",
+    return tqdm(total=n_servers * len(settings.levels) * settings.waves * settings.duration, unit="s",
                 bar_format="{desc}{percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of load [{elapsed}]{postfix}")
 
 

@@ -47,7 +47,7 @@ def server(workdir):
     settings = bench_serve.Settings(ckpt=workdir["ckpt"], max_batch=MAX_BATCH, max_waiting=MAX_WAITING,
                                     server_args=["--log-level", "warning"], ready_timeout=120)
     log = str(workdir["root"] / "server.log")
-    with bench_serve.managed_server(settings, MAX_BATCH, log) as (url, _, _):
+    with bench_serve.managed_server(settings, MAX_BATCH, log) as (url, _, _, _):
         yield url
 
 
@@ -243,15 +243,18 @@ def test_full_queue_shows_429s_counted_as_rejections(server, workdir, tmp_path, 
 
 def test_ckpt_mode_runs_the_baseline_and_stops_both_servers(workdir, tmp_path, capsys):
     code, report, out, _ = run_bench(["--ckpt", workdir["ckpt"], "--data-dir", workdir["data"], "--levels", "2,3",
-                                      "--duration", "1", "--prompt-tokens", "16,32", "--max-tokens", "4",
+                                      "--waves", "2", "--duration", "1", "--prompt-tokens", "16,32",
+                                      "--max-tokens", "4",
                                       "--server-arg=--log-level=warning", "--no-progress"], tmp_path, capsys)
     assert code == 0
     engine, baseline = report["servers"]["engine"], report["servers"]["baseline"]
     assert "--max-batch" not in engine["command"]  # the server's own default
     assert baseline["command"][baseline["command"].index("--max-batch") + 1] == "1"
     for server in (engine, baseline):
+        assert [level["users"] for level in server["levels"]] == [2, 3, 2, 3]  # two waves of the sweep
         for level in server["levels"]:
             assert_counts_add_up(level) and level["ok"] > 0
+            assert 100 < level["server_rss_mb"] < 10_000  # HTTP + engine processes, measured after the level
         port = int(server["command"][server["command"].index("--port") + 1])
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
             pass  # stopped: nothing listens there any more
@@ -259,10 +262,10 @@ def test_ckpt_mode_runs_the_baseline_and_stops_both_servers(workdir, tmp_path, c
     starts = [engine["levels"][0], baseline["levels"][0], baseline["levels"][1], engine["levels"][1]]
     assert [level["users"] for level in starts] == [2, 2, 3, 3]
     assert [level["started_at"] for level in starts] == sorted(level["started_at"] for level in starts)
-    assert [r["users"] for r in report["ratios"]] == [2, 3] and report["ratios"][0]["throughput_x"] > 0
+    assert [r["users"] for r in report["ratios"]] == [2, 3, 2, 3] and report["ratios"][0]["throughput_x"] > 0
     assert set(report["cost"]) == {"engine", "baseline"}
     assert report["checkpoint"]["model_args"]["n_layer"] == 2
-    assert "engine vs baseline" in out
+    assert "engine vs baseline" in out and "engine memory after each level" in out
 
 
 # ----------------------------------------------------------------------------- bad input
