@@ -1145,14 +1145,18 @@ def plot(report: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_lat, ax_tok) = plt.subplots(1, 2, figsize=(11, 4.2))
+    per_wave = len(report["settings"]["levels"])  # --waves: one line per run of the sweep
     for (label, server), color in zip(report["servers"].items(), ("tab:blue", "tab:orange")):
-        levels = server["levels"]
-        users = [s["users"] for s in levels]
-        for q, style in (("p50", "-"), ("p95", "--")):
-            points = [(u, s["latency_ms"][q]) for u, s in zip(users, levels) if s["latency_ms"][q] is not None]
-            if points:
-                ax_lat.plot(*zip(*points), style, marker="o", color=color, label=f"{label} {q}")
-        ax_tok.plot(users, [s["tokens_per_s"] for s in levels], marker="o", color=color, label=label)
+        for first in range(0, len(server["levels"]), per_wave):
+            levels = server["levels"][first:first + per_wave]
+            users = [s["users"] for s in levels]
+            for q, style in (("p50", "-"), ("p95", "--")):
+                points = [(u, s["latency_ms"][q]) for u, s in zip(users, levels) if s["latency_ms"][q] is not None]
+                if points:
+                    ax_lat.plot(*zip(*points), style, marker="o", color=color,
+                                label=f"{label} {q}" if first == 0 else None)
+            ax_tok.plot(users, [s["tokens_per_s"] for s in levels], marker="o", color=color,
+                        label=label if first == 0 else None)
     target = report["settings"]["p95_target_ms"]
     ax_lat.axhline(target, color="grey", linewidth=0.8, linestyle=":", label=f"target {target:g} ms")
     ax_lat.set(xscale="log", yscale="log", xlabel="concurrent users", ylabel="latency (ms)", title="request latency")
